@@ -1,0 +1,74 @@
+# gradiv: two commands do everything on a fresh machine.
+#   make book   create .venv, install, execute every notebook, build _build/html
+#   make test   the same set-up, then unit tests, nbval over every notebook, the strict book build,
+#               and the headless-browser check of the built pages
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+LIBHASH := _build/.gradiv_lib.sha
+# Two notebooks run side by side in CI (2 cores): one torch thread each.
+NB_WORKERS ?= 2
+
+.PHONY: help install book test unit notebooks build-book check-book browser benchmarks clean distclean
+
+help:
+	@echo "make book       build the HTML book into _build/html (installs everything into .venv first)"
+	@echo "make test       unit tests + nbval over every notebook + strict book build + browser check"
+	@echo "make benchmarks run benchmarks/ and print the side-by-side ratios"
+	@echo "make clean      remove _build (keeps .venv); make distclean also removes .venv"
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "gradiv needs Python >= 3.10, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# jupyter-cache keys on a notebook's code cells only, so a change to gradiv_lib would leave stale
+# outputs in the book: drop the cache whenever the library's source changes.
+_build/.cache-checked: FORCE
+	@mkdir -p _build
+	@new=$$(cat $$(find gradiv_lib -name '*.py' -o -name '*.json' | sort) | sha256sum | cut -d' ' -f1); \
+	if [ "$$(cat $(LIBHASH) 2>/dev/null)" != "$$new" ]; then rm -rf _build/.jupyter_cache; echo "$$new" > $(LIBHASH); fi
+FORCE:
+
+build-book: $(STAMP) _build/.cache-checked
+	$(BIN)/jupyter-book build . -W --keep-going || { cat _build/html/reports/*.log 2>/dev/null | tail -n 60; exit 1; }
+
+book: build-book
+	@echo "The book is at _build/html/index.html"
+
+unit: $(STAMP)
+	$(BIN)/pytest tests --ignore=tests/book -n 2 -q
+
+notebooks: $(STAMP)
+	GRADIV_THREADS=1 $(BIN)/pytest book --nbval-lax --nbval-current-env --nbval-cell-timeout=120 \
+		-n $(NB_WORKERS) --dist loadscope -q
+
+# Chromium for the browser check: installed from Debian's packages when we are root and it is missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "NOTE: no Chromium found; the built-book browser check will be skipped (install chromium to run it)"; fi; }
+
+check-book: $(STAMP) browser
+	$(BIN)/pytest tests/book -q
+
+test: unit notebooks build-book check-book
+	@echo "make test: all checks passed"
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/bench_norms.py
+
+clean:
+	rm -rf _build
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
