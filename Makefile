@@ -9,8 +9,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LIBHASH := _build/.gradiv_lib.sha
-# Two notebooks run side by side in CI (2 cores): one torch thread each.
+# nbval keeps the notebooks it executed here (book/conftest.py); the build takes them from the cache.
+EXECUTED := _build/executed
+# Two notebooks run side by side in CI (2 cores); the book's models are small,
+# and gl.setup() uses one torch thread unless GRADIV_THREADS says otherwise.
 NB_WORKERS ?= 2
+
 
 .PHONY: help install book test unit notebooks build-book check-book browser benchmarks clean distclean
 
@@ -46,9 +50,11 @@ book: build-book
 unit: $(STAMP)
 	$(BIN)/pytest tests --ignore=tests/book -n 2 -q
 
-notebooks: $(STAMP)
-	GRADIV_THREADS=1 $(BIN)/pytest book --nbval-lax --nbval-current-env --nbval-cell-timeout=120 \
-		-n $(NB_WORKERS) --dist loadscope -q
+notebooks: $(STAMP) _build/.cache-checked
+	rm -rf $(EXECUTED)
+	GRADIV_EXECUTED_DIR=$(EXECUTED) $(BIN)/pytest book --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=120 -n $(NB_WORKERS) --dist loadscope -q
+	$(BIN)/python tests/cache_executed_notebooks.py $(EXECUTED) _build/.jupyter_cache
 
 # Chromium for the browser check: installed from Debian's packages when we are root and it is missing.
 browser:

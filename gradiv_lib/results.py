@@ -85,6 +85,7 @@ def save(name: str, data: dict[str, Any], *, config: dict[str, Any], seconds: fl
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped package data must be readable by all
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,13 +35,18 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 def default_threads() -> int:
-    """Threads for torch on the CPU: ``$GRADIV_THREADS`` if set, else all cores up to 8."""
+    """Threads for torch on the CPU: ``$GRADIV_THREADS`` if set, else 1.
+
+    The book's notebooks train small models, for which one thread is as fast as several and
+    oversubscribed OpenMP threads (two notebooks, or a notebook beside a build, on two cores) are many
+    times slower. Set ``GRADIV_THREADS`` (or pass ``threads`` to :func:`setup`) for bigger CPU work.
+    """
     env = os.environ.get("GRADIV_THREADS")
-    if env is not None:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"GRADIV_THREADS must be a positive integer, got {env!r}")
-        return int(env)
-    return max(1, min(os.cpu_count() or 1, 8))
+    if env is None:
+        return 1
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"GRADIV_THREADS must be a positive integer, got {env!r}")
+    return int(env)
 
 
 def setup(seed: int = 0, *, threads: int | None = None, device: str | None = None) -> torch.device:

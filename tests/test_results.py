@@ -17,6 +17,7 @@ def test_save_then_load_roundtrip(tmp_path):
         assert key in loaded
     assert loaded["machine"]["torch"]
     assert not list(tmp_path.rglob("*.tmp")), "the temporary file must be renamed away"
+    assert path.stat().st_mode & 0o777 == 0o644, "results ship as package data: readable by everyone"
 
 
 def test_save_is_atomic_on_failure(tmp_path):

@@ -46,3 +46,8 @@ def test_small_multiples_rejects_empty():
 def test_explorer_needs_controls():
     with pytest.raises(ValueError, match="at least one control"):
         gl.widgets.explorer(lambda: None)
+
+
+def test_one_thread_by_default(monkeypatch):
+    monkeypatch.delenv("GRADIV_THREADS", raising=False)
+    assert gl.runtime.default_threads() == 1
