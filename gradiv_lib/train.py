@@ -1,0 +1,682 @@
+"""One training loop for every chapter: adaptive batch sizes, a metrics history, targets, checkpoints.
+
+Derived in chapter 4 of the book (``book/ch04_divebatch``), where every run goes through it.
+
+:func:`train` runs mini-batch training on an :class:`~gradiv_lib.data.InMemoryData` (tensors on one
+device, so the batch size can change between epochs at no cost) with any
+:class:`~gradiv_lib.batching.BatchSchedule`:
+
+* the optimizer and the learning-rate scheduler are built once and kept across batch-size changes
+  (momentum buffers survive a resize); a resize's learning-rate factor multiplies every param group's
+  ``lr`` (and the scheduler's ``base_lrs``), so chainable schedules such as cosine annealing carry the
+  rescale on, as in the DiveBatch code;
+* per-sample gradient norms (:class:`gradiv_lib.norms.DiversityMeter`) are computed only in the epochs
+  where the schedule needs them (or every epoch with ``measure_diversity=True``), during the ordinary
+  backward pass;
+* :class:`History` records per epoch the loss, train/test accuracy, batch size, learning rate,
+  :math:`\\hat\\Delta`, cumulative optimizer steps, samples and seconds, and the steps, samples and seconds
+  to a target accuracy;
+* with ``checkpoint_path`` the full state (model, optimizer, scheduler, schedule, random-number
+  generators, history) is written atomically after every epoch and a later call with the same arguments
+  resumes from it; a resumed run gives the same history as an uninterrupted one (except wall-clock
+  seconds).
+
+Randomness: the batch order (and ``transform``'s draws) come from a private generator seeded with
+``seed``; the global torch RNG (dropout, ...) is forked and seeded with ``seed`` too, so the caller's
+RNG state is left untouched. Epoch ``e`` with batch size ``B`` iterates
+``data.batches(B, shuffle=True, generator=g, drop_last=drop_last)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .batching import BatchSchedule, FixedBatch, Resize
+from .data import InMemoryData
+from .diversity import DiversityResult, EpochDiversityAccumulator
+
+__all__ = ["CHECKPOINT_FORMAT", "OPTIMIZERS", "History", "evaluate", "train"]
+
+#: Optimizers :func:`train` builds from a name.
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+#: Version of the checkpoint layout written by :func:`train`.
+CHECKPOINT_FORMAT = 1
+_LR_SCHEDULERS = ("constant", "cosine")
+_NONFINITE = ("raise", "stop")
+_TARGET_ON = ("test", "train")
+
+
+# --------------------------------------------------------------------------------------------
+# History
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """What :func:`train` measured, one entry per finished epoch (lists of equal length).
+
+    Attributes
+    ----------
+    epoch : list of int
+        0-based epoch index.
+    train_loss, train_accuracy : list of float
+        Mean loss and accuracy over the epoch's batches, at the weights current for each batch
+        (accuracy ``nan`` for regression).
+    test_loss, test_accuracy : list of float
+        On ``test_data`` at the end of the epoch (``nan`` without test data).
+    batch_size : list of int
+        Batch size used in the epoch.
+    lr : list of float
+        Learning rate of the first param group during the epoch.
+    lr_scale : list of float
+        The schedule's cumulative learning-rate multiplier during the epoch.
+    diversity, batch_size_bound : list of float
+        :math:`\\hat\\Delta` accumulated over the epoch and :math:`N\\hat\\Delta` (``nan`` when not measured).
+    steps, samples : list of int
+        Cumulative optimizer steps and training samples processed at the end of the epoch.
+    seconds : list of float
+        Cumulative wall-clock seconds of training (evaluation and checkpoints excluded).
+    resizes : list of dict
+        Every :class:`~gradiv_lib.batching.Resize`, as a dictionary.
+    schedule : str
+        Name of the batch-size schedule.
+    target_accuracy : float or None
+        The target, and ``target_on`` (``"test"`` or ``"train"``) the accuracy it is checked on.
+    epoch_to_target, steps_to_target, samples_to_target, seconds_to_target
+        Cumulative values at the end of the first epoch that reached the target (``None`` if never).
+    diverged : bool
+        The loss became non-finite and the run stopped (``on_nonfinite="stop"``).
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    lr_scale: list[float] = field(default_factory=list)
+    diversity: list[float] = field(default_factory=list)
+    batch_size_bound: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    resizes: list[dict[str, Any]] = field(default_factory=list)
+    schedule: str = ""
+    target_accuracy: float | None = None
+    target_on: str = "test"
+    epoch_to_target: int | None = None
+    steps_to_target: int | None = None
+    samples_to_target: int | None = None
+    seconds_to_target: float | None = None
+    diverged: bool = False
+
+    #: Names of the per-epoch lists.
+    PER_EPOCH = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "batch_size", "lr",
+                 "lr_scale", "diversity", "batch_size_bound", "steps", "samples", "seconds")
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    @property
+    def reached_target(self) -> bool:
+        """Whether the target accuracy was reached."""
+        return self.epoch_to_target is not None
+
+    def final(self, key: str) -> Any:
+        """Last value of a per-epoch list, e.g. ``history.final("test_accuracy")``."""
+        if key not in self.PER_EPOCH:
+            raise KeyError(f"key must be one of {self.PER_EPOCH}, got {key!r}")
+        values = getattr(self, key)
+        if not values:
+            raise ValueError("the history is empty (no finished epoch)")
+        return values[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON and ``torch.load(weights_only=True)`` safe)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> History:
+        """Inverse of :meth:`to_dict`."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(state) - names
+        if unknown:
+            raise ValueError(f"unknown History fields {sorted(unknown)}")
+        return cls(**{k: (list(v) if isinstance(v, list) else v) for k, v in state.items()})
+
+    def _append(self, **row: Any) -> None:
+        for key in self.PER_EPOCH:
+            getattr(self, key).append(row[key])
+
+    def __repr__(self) -> str:
+        if not self.epoch:
+            return "History(empty)"
+        target = f", steps_to_target={self.steps_to_target}" if self.target_accuracy is not None else ""
+        return (f"History({self.schedule}: {len(self)} epochs, batch {self.batch_size[0]}→{self.batch_size[-1]}, "
+                f"steps={self.steps[-1]}, test_accuracy={self.test_accuracy[-1]:.4f}{target})")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _as_data(data: Any, name: str) -> InMemoryData:
+    if isinstance(data, InMemoryData):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return InMemoryData(data[0], data[1])
+    raise TypeError(f"{name} must be InMemoryData or an (x, y) pair of tensors, got {type(data).__name__}")
+
+
+def _is_classification(data: InMemoryData) -> bool:
+    return not data.y.dtype.is_floating_point and data.y.dim() == 1
+
+
+def _default_loss(data: InMemoryData) -> nn.Module:
+    return nn.CrossEntropyLoss() if _is_classification(data) else nn.MSELoss()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: InMemoryData | tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+             batch_size: int = 1024) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``data`` in eval mode (the model's mode is restored).
+
+    The loss is the mean over samples of ``loss_fn`` evaluated in batches of ``batch_size`` (a ``torch.nn``
+    loss with ``reduction="sum"`` is divided by the batch size; any other callable is taken to be a mean);
+    accuracy is ``nan`` for regression targets. Default loss: cross-entropy for integer labels, mean
+    squared error otherwise.
+    """
+    data = _as_data(data, "data")
+    if len(data) == 0:
+        raise ValueError("data is empty; evaluation needs at least one sample")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    loss_fn = loss_fn or _default_loss(data)
+    was_training = model.training
+    model.eval()
+    try:
+        total, correct = 0.0, 0
+        classify = _is_classification(data)
+        for xb, yb in data.batches(min(batch_size, len(data)), shuffle=False):
+            out = model(xb)
+            value = float(loss_fn(out, yb))
+            total += value if getattr(loss_fn, "reduction", "mean") == "sum" else value * len(xb)
+            if classify:
+                correct += int((out.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    n = len(data)
+    return total / n, (correct / n if classify else math.nan)
+
+
+def _build_optimizer(optimizer: Any, params: list[nn.Parameter], lr: float | None, momentum: float,
+                     weight_decay: float) -> torch.optim.Optimizer:
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, an Optimizer or a factory; got {optimizer!r}")
+        if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+            raise ValueError(f"lr must be a finite number > 0 with optimizer={optimizer!r}, got {lr!r}")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if momentum:
+            raise ValueError(f"momentum={momentum} applies to optimizer='sgd' only; Adam's betas are fixed at (0.9, 0.999)")
+        cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    if lr is not None or momentum or weight_decay:
+        raise ValueError(
+            "lr, momentum and weight_decay apply to a named optimizer ('sgd', 'adam', 'adamw'); with an "
+            "Optimizer instance or factory set them in the optimizer itself"
+        )
+    if isinstance(optimizer, torch.optim.Optimizer):
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in owned for p in params):
+            raise ValueError("optimizer does not hold any parameter of model; build it from model.parameters()")
+        return optimizer
+    if callable(optimizer):
+        built = optimizer(params)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(built).__name__}")
+        return built
+    raise TypeError(f"optimizer must be a name, a torch.optim.Optimizer or a factory params -> Optimizer, got {type(optimizer).__name__}")
+
+
+def _build_lr_scheduler(lr_scheduler: Any, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
+    if lr_scheduler is None or lr_scheduler == "constant":
+        return None
+    if lr_scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if isinstance(lr_scheduler, str):
+        raise ValueError(f"lr_scheduler must be one of {_LR_SCHEDULERS}, a factory optimizer -> LRScheduler or None; got {lr_scheduler!r}")
+    if callable(lr_scheduler):
+        built = lr_scheduler(optimizer)
+        if not hasattr(built, "step") or not hasattr(built, "state_dict"):
+            raise TypeError(f"the lr_scheduler factory must return a torch LR scheduler, got {type(built).__name__}")
+        return built
+    raise TypeError(f"lr_scheduler must be a name, a factory optimizer -> LRScheduler or None, got {type(lr_scheduler).__name__}")
+
+
+def _apply_lr_factor(optimizer: torch.optim.Optimizer, lr_scheduler: Any, factor: float) -> None:
+    if factor == 1.0:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+    if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+        lr_scheduler.base_lrs = [b * factor for b in lr_scheduler.base_lrs]
+
+
+def _loss_reduction(loss_fn: Any, model: nn.Module, xb: Tensor, yb: Tensor) -> str:
+    """'mean' or 'sum': how ``loss_fn`` reduces the per-sample losses.
+
+    Read from a ``torch.nn`` loss's ``reduction``; for other callables checked numerically on a few
+    samples (model in eval mode, so BatchNorm statistics and the RNG are untouched).
+    """
+    reduction = getattr(loss_fn, "reduction", None)
+    if isinstance(loss_fn, nn.modules.loss._Loss):
+        if reduction in ("mean", "sum"):
+            return reduction
+        raise ValueError(f"loss_fn must reduce to a scalar with reduction 'mean' or 'sum', got reduction={reduction!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
+    if len(xb) == 1:
+        return "mean"
+    from .norms import batch_loss_factor
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor (a mean or a sum over the batch)")
+            factor = batch_loss_factor(loss_fn, out, yb, loss)
+    finally:
+        model.train(was_training)
+    return "sum" if factor == 1.0 else "mean"
+
+
+def _train_batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+
+
+def _measure_separately(model: nn.Module, loss_fn: Any, xb: Tensor, yb: Tensor, params: list[nn.Parameter],
+                        reduction: str, chunk: int, batch_norms: list[nn.Module]) -> tuple[Tensor, list[Tensor]]:
+    """Per-sample squared norms and the batch gradient (in the loss's own scale) from an extra pass.
+
+    BatchNorm layers run in eval mode (running statistics: per-sample gradients are defined), and the
+    batch is processed in chunks of at most ``chunk`` samples to bound memory; ``.grad`` is untouched.
+    """
+    from .norms import DiversityMeter
+
+    n = len(xb)
+    for m in batch_norms:
+        m.eval()
+    try:
+        norms, total = [], [torch.zeros_like(p) for p in params]
+        for start in range(0, n, chunk):
+            xc, yc = xb[start:start + chunk], yb[start:start + chunk]
+            with DiversityMeter(model, loss_reduction=reduction) as meter:
+                grads = torch.autograd.grad(loss_fn(model(xc), yc), params, allow_unused=True)
+            norms.append(meter.sq_norms)
+            weight = len(xc) / n if reduction == "mean" else 1.0
+            for acc, g in zip(total, grads):
+                if g is not None:
+                    acc.add_(g, alpha=weight)
+    finally:
+        for m in batch_norms:
+            m.train()
+    return torch.cat(norms), total
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    data: InMemoryData | tuple[Tensor, Tensor],
+    *,
+    schedule: BatchSchedule | int,
+    epochs: int,
+    lr: float | None = None,
+    optimizer: str | torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = "sgd",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    lr_scheduler: str | Callable[[torch.optim.Optimizer], Any] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    test_data: InMemoryData | tuple[Tensor, Tensor] | None = None,
+    target_accuracy: float | None = None,
+    target_on: str = "test",
+    stop_at_target: bool = False,
+    transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    drop_last: bool = False,
+    measure_diversity: bool = False,
+    measure_batch_size: int | None = None,
+    eval_batch_size: int = 1024,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    on_nonfinite: str = "raise",
+    on_epoch_end: Callable[[int, nn.Module, History], None] | None = None,
+    progress: bool = True,
+) -> History:
+    """Train ``model`` on ``data`` for ``epochs`` epochs with the batch sizes of ``schedule``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place (moved to ``device``).
+    data : InMemoryData or (x, y)
+        Training set, moved once to ``device`` (keep it there: GPU-resident data).
+    schedule : BatchSchedule or int
+        A :mod:`gradiv_lib.batching` schedule, or an int for :class:`~gradiv_lib.batching.FixedBatch`.
+        It is bound to ``len(data)`` (batch sizes must lie in [1, N]) and its state is checkpointed. A
+        schedule carries its state (current batch size, learning-rate multiplier): pass a fresh one to
+        every run that should start from the beginning.
+    epochs : int
+        Number of epochs (>= 1).
+    lr : float
+        Initial learning rate for a named ``optimizer``; the schedule's ``lr_scale`` multiplies it.
+    optimizer : str, Optimizer or callable
+        ``"sgd"`` (default), ``"adam"``, ``"adamw"``; or a ready ``torch.optim.Optimizer`` over the
+        model's parameters; or a factory ``params -> Optimizer``. With the latter two leave ``lr``,
+        ``momentum`` and ``weight_decay`` unset.
+    momentum, weight_decay : float
+        For a named optimizer (``momentum`` for SGD only).
+    lr_scheduler : None, "constant", "cosine" or callable
+        Stepped once per epoch: ``"cosine"`` is ``CosineAnnealingLR(T_max=epochs)``; a factory
+        ``optimizer -> scheduler`` gives any torch scheduler (state is checkpointed).
+    loss_fn : callable, optional
+        ``(outputs, targets) -> scalar`` with mean or sum reduction; default cross-entropy for integer
+        labels, mean squared error otherwise.
+    test_data : InMemoryData or (x, y), optional
+        Evaluated at the end of every epoch.
+    target_accuracy : float, optional
+        In (0, 1]; the first epoch whose ``target_on`` accuracy reaches it sets the ``*_to_target``
+        fields of the history. ``target_on="train"`` uses the running training accuracy of the epoch.
+    stop_at_target : bool
+        End the run at the first epoch that reaches the target.
+    transform : callable, optional
+        ``transform(x_batch, generator) -> x_batch`` applied to every training batch, e.g.
+        :func:`gradiv_lib.data.augment_batch` (the generator is the run's, so augmentation is
+        reproducible and resumable).
+    drop_last : bool
+        Skip the last, smaller batch of every epoch.
+    measure_diversity : bool
+        Measure :math:`\\hat\\Delta` in every epoch (otherwise only when the schedule needs it).
+    measure_batch_size : int, optional
+        In measurement epochs, batches larger than this are measured in a separate pass in chunks of
+        this size (bounds the memory of per-sample norms on large batches; costs one extra forward and
+        backward pass per batch). BatchNorm networks in training mode are always measured in such a
+        separate pass, with BatchNorm in eval mode, because batch statistics mix the samples.
+    eval_batch_size : int
+        Batch size of evaluation passes.
+    device : str or torch.device, optional
+        Default: the device of ``data``.
+    seed : int
+        Seed of the batch order, of ``transform`` and of the (forked) global torch RNG.
+    checkpoint_path : path, optional
+        Where to write the checkpoint (atomically, every ``checkpoint_every`` epochs and at the end).
+        If the file exists, training resumes from it; it must come from a run with the same
+        schedule, epochs, seed and data size. Loaded with ``torch.load(weights_only=True)``.
+    on_nonfinite : str
+        ``"raise"`` (default): a non-finite epoch loss raises ``FloatingPointError``; ``"stop"``: the
+        epoch is recorded, ``history.diverged`` is set and the run ends.
+    on_epoch_end : callable, optional
+        ``on_epoch_end(epoch, model, history)`` after each epoch (after the checkpoint is written).
+    progress : bool
+        Show a ``tqdm.auto`` progress bar over epochs.
+
+    Returns
+    -------
+    History
+
+    Examples
+    --------
+    >>> from gradiv_lib import batching, data, models                       # doctest: +SKIP
+    >>> tr, te = data.load_digits()                                          # doctest: +SKIP
+    >>> net = models.mlp(64, 64, 2, 10, seed=0)                              # doctest: +SKIP
+    >>> sched = batching.DiveBatch(16, 512, delta=0.1, resize_every=4)       # doctest: +SKIP
+    >>> h = train(net, tr, schedule=sched, epochs=20, lr=0.05, momentum=0.9, test_data=te)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from .norms import DiversityMeter
+
+    # ---- validation ------------------------------------------------------------------------
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    train_data = _as_data(data, "data")
+    if len(train_data) == 0:
+        raise ValueError("data is empty; training needs at least one sample")
+    if isinstance(schedule, int) and not isinstance(schedule, bool):
+        schedule = FixedBatch(schedule)
+    if not isinstance(schedule, BatchSchedule):
+        raise TypeError(f"schedule must be a gradiv_lib.batching schedule or an int batch size, got {type(schedule).__name__}")
+    _check_int(epochs, "epochs", 1)
+    _check_int(seed, "seed", 0)
+    _check_int(eval_batch_size, "eval_batch_size", 1)
+    if measure_batch_size is not None:
+        _check_int(measure_batch_size, "measure_batch_size", 1)
+    _check_int(checkpoint_every, "checkpoint_every", 1)
+    if on_nonfinite not in _NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {_NONFINITE}, got {on_nonfinite!r}")
+    if target_on not in _TARGET_ON:
+        raise ValueError(f"target_on must be one of {_TARGET_ON}, got {target_on!r}")
+    if target_accuracy is not None:
+        if isinstance(target_accuracy, bool) or not isinstance(target_accuracy, (int, float)) or not 0 < target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy!r}")
+        if target_on == "test" and test_data is None:
+            raise ValueError("target_accuracy with target_on='test' needs test_data (or use target_on='train')")
+        if not _is_classification(train_data):
+            raise ValueError("target_accuracy needs integer class labels; the training targets are not class indices")
+    elif stop_at_target:
+        raise ValueError("stop_at_target=True needs target_accuracy")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable (x, generator) -> x, got {type(transform).__name__}")
+    device = torch.device(device) if device is not None else train_data.device
+    schedule.bind(len(train_data))
+    train_data = train_data.to(device)
+    test = None if test_data is None else _as_data(test_data, "test_data").to(device)
+    loss_fn = loss_fn or _default_loss(train_data)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+    opt = _build_optimizer(optimizer, params, lr, momentum, weight_decay)
+    sched = _build_lr_scheduler(lr_scheduler, opt, epochs)
+    classify = _is_classification(train_data)
+    n_train = len(train_data)
+    reduction = _loss_reduction(loss_fn, model, train_data.x[:8], train_data.y[:8])
+
+    config = {"schedule": schedule.name, "initial_batch_size": schedule.initial_batch_size, "epochs": epochs,
+              "seed": seed, "n_samples": n_train, "n_params": sum(p.numel() for p in params)}
+    history = History(schedule=schedule.name, target_accuracy=target_accuracy, target_on=target_on)
+    generator = torch.Generator().manual_seed(seed)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        start_epoch, finished = 0, False
+        if path is not None and path.exists():
+            state = torch.load(path, map_location=device, weights_only=True)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"checkpoint {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+            for key, value in config.items():
+                if state["config"].get(key) != value:
+                    raise ValueError(
+                        f"checkpoint {path} is from a different run ({key} = {state['config'].get(key)!r} there, "
+                        f"{value!r} here); delete it or pass another checkpoint_path"
+                    )
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["lr_scheduler"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            history = History.from_dict(state["history"])
+            start_epoch, finished = int(state["epoch"]), bool(state["finished"])
+
+        def save_checkpoint(completed: int, done: bool) -> None:
+            _atomic_save({
+                "format": CHECKPOINT_FORMAT, "config": config, "epoch": completed, "finished": done,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "lr_scheduler": None if sched is None else sched.state_dict(),
+                "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": history.to_dict(),
+            }, path)
+
+        bar = tqdm(total=epochs, initial=start_epoch, disable=not progress or finished, desc=schedule.name, unit="epoch")
+        try:
+            for epoch in range(start_epoch, epochs):
+                if finished:
+                    break
+                schedule.begin_epoch(epoch)
+                batch_size = schedule.batch_size
+                measure = measure_diversity or schedule.needs_diversity
+                want_grad = measure or schedule.needs_grad
+                # the schedule's own epoch estimate is recorded when it has one; otherwise the loop accumulates
+                schedule_measures = schedule.needs_diversity and hasattr(schedule, "measurements")
+                accumulator = EpochDiversityAccumulator() if measure and not schedule_measures else None
+                epoch_lr, epoch_lr_scale = float(opt.param_groups[0]["lr"]), schedule.lr_scale
+                model.train()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                correct = torch.zeros((), dtype=torch.long, device=device)
+                steps = samples = 0
+                for xb, yb in train_data.batches(batch_size, shuffle=True, generator=generator, drop_last=drop_last):
+                    if transform is not None:
+                        xb = transform(xb, generator)
+                    n = len(xb)
+                    opt.zero_grad(set_to_none=True)
+                    sq_norms = grads = None
+                    if measure:
+                        batch_norms = _train_batch_norms(model)
+                        if batch_norms or (measure_batch_size is not None and n > measure_batch_size):
+                            sq_norms, grads = _measure_separately(model, loss_fn, xb, yb, params, reduction,
+                                                                  measure_batch_size or n, batch_norms)
+                            out = model(xb)
+                            loss = loss_fn(out, yb)
+                            loss.backward()
+                        else:  # measured during the training step's own backward pass
+                            with DiversityMeter(model, loss_reduction=reduction) as meter:
+                                out = model(xb)
+                                loss = loss_fn(out, yb)
+                                loss.backward()
+                            sq_norms = meter.sq_norms
+                    else:
+                        out = model(xb)
+                        loss = loss_fn(out, yb)
+                        loss.backward()
+                    if want_grad:
+                        if grads is None:
+                            grads = [p.grad for p in params]
+                        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+                        if accumulator is not None:
+                            accumulator.update(sq_norms, grads, n, grad_reduction=reduction)
+                    schedule.observe(n=n, grad=grads, sq_norms=sq_norms, grad_reduction=reduction)
+                    opt.step()
+                    loss_sum += loss.detach().double() * (n if reduction == "mean" else 1)
+                    if classify:
+                        correct += (out.detach().argmax(1) == yb).sum()
+                    steps += 1
+                    samples += n
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - start
+                train_loss = float(loss_sum) / samples
+                train_accuracy = int(correct) / samples if classify else math.nan
+                result: DiversityResult | None = accumulator.result if accumulator is not None and accumulator.n else None
+                diverged = not math.isfinite(train_loss)
+                if diverged and on_nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"the training loss became non-finite ({train_loss}) in epoch {epoch} (batch size {batch_size}, "
+                        f"learning rate {epoch_lr:.4g}); lower the learning rate, cap its rescale (lr_cap=...) or pass "
+                        "on_nonfinite='stop' to record the divergence"
+                    )
+                if test is not None and not diverged:
+                    test_loss, test_accuracy = evaluate(model, test, loss_fn, eval_batch_size)
+                else:
+                    test_loss = test_accuracy = math.nan
+                resize: Resize | None = schedule.end_epoch(epoch) if not diverged else None
+                if schedule_measures and schedule.measurements and schedule.measurements[-1][0] == epoch:
+                    result = schedule.measurements[-1][1]
+                previous = history.steps[-1] if history.steps else 0
+                history._append(
+                    epoch=epoch, train_loss=train_loss, train_accuracy=train_accuracy, test_loss=test_loss,
+                    test_accuracy=test_accuracy, batch_size=batch_size, lr=epoch_lr, lr_scale=epoch_lr_scale,
+                    diversity=result.diversity if result else math.nan,
+                    batch_size_bound=result.batch_size_bound if result else math.nan,
+                    steps=previous + steps, samples=(history.samples[-1] if history.samples else 0) + samples,
+                    seconds=(history.seconds[-1] if history.seconds else 0.0) + elapsed,
+                )
+                if target_accuracy is not None and history.epoch_to_target is None:
+                    reached = test_accuracy if target_on == "test" else train_accuracy
+                    if reached >= target_accuracy:
+                        history.epoch_to_target = epoch
+                        history.steps_to_target = history.steps[-1]
+                        history.samples_to_target = history.samples[-1]
+                        history.seconds_to_target = history.seconds[-1]
+                if sched is not None:
+                    sched.step()
+                if resize is not None:
+                    _apply_lr_factor(opt, sched, resize.lr_factor)
+                    history.resizes.append(resize.to_dict())
+                history.diverged = diverged
+                finished = diverged or epoch + 1 == epochs or (stop_at_target and history.reached_target)
+                if path is not None and (finished or (epoch + 1) % checkpoint_every == 0):
+                    save_checkpoint(epoch + 1, finished)
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3g}", acc=f"{test_accuracy if test is not None else train_accuracy:.3f}",
+                                B=batch_size)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, model, history)
+        finally:
+            bar.close()
+    return history
