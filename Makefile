@@ -71,6 +71,8 @@ test: unit notebooks build-book check-book
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_norms.py
+	$(BIN)/python benchmarks/bench_workers.py
+	$(BIN)/python benchmarks/bench_federated.py
 
 clean:
 	rm -rf _build
