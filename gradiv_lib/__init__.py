@@ -6,11 +6,11 @@ Gradient diversity (Yin et al., 2018) of per-sample gradients :math:`g_1, \\dots
 
 and :math:`B_S = n\\Delta` bounds the batch size up to which mini-batch SGD keeps its speed-up.
 """
-from . import (batching, data, diversity, federated, models, norms, plotting, results, runtime, scaling, sharpness,
-               train, widgets, workers)
+from . import (batching, data, diversity, federated, models, norms, plasticity, plotting, results, runtime, scaling,
+               sharpness, train, widgets, workers)
 from .runtime import pick_device, seed_everything, setup
 
 __version__ = "0.1.0"
 
-__all__ = ["batching", "data", "diversity", "federated", "models", "norms", "plotting", "results", "runtime", "scaling",
+__all__ = ["batching", "data", "diversity", "federated", "models", "norms", "plasticity", "plotting", "results", "runtime", "scaling",
            "sharpness", "train", "widgets", "workers", "pick_device", "seed_everything", "setup", "__version__"]
