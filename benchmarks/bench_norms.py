@@ -10,7 +10,7 @@ process: peak RSS (VmHWM, reset after setup) minus RSS after building the model 
 
 Usage::
 
-    python benchmarks/bench_norms.py [--quick] [--threads 1] [--out benchmarks/results/norms_cpu.json]
+    python benchmarks/bench_norms.py [--quick] [--threads 1] [--name benchmarks/norms_cpu] [--out ROOT]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from gradiv_lib import results
 from gradiv_lib.diversity import gradient_diversity
 from gradiv_lib.norms import DiversityMeter
 
@@ -389,20 +389,15 @@ def _print_rows(rows: list[dict[str, object]]) -> None:
         )
 
 
-def write_atomically(path: Path, payload: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2, default=float)
-        handle.write("\n")
-    os.replace(handle.name, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B in {32, 128}, 5 rounds, memory only for plain and gradiv")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the cores may be shared)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory probes")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "norms_cpu.json")
+    parser.add_argument("--name", default="benchmarks/norms_cpu",
+                        help="result name; saved with gradiv_lib.results.save (the book loads benchmarks/norms_cpu)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="root folder of the result (default: the package's _results, which the book reads)")
     parser.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "B", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -410,9 +405,11 @@ def main() -> None:
         model_name, batch_size, method = args.probe_memory
         print(json.dumps(probe_memory(model_name, int(batch_size), method)))
         return
+    start = time.perf_counter()
     payload = run(args.quick, args.threads, memory=not args.no_memory)
-    write_atomically(args.out, payload)
-    print(f"\nwritten to {args.out}")
+    path = results.save(args.name, {"rows": payload["results"], "machine": payload["machine"]},
+                        config=payload["config"], seconds=time.perf_counter() - start, root=args.out)
+    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":

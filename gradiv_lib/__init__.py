@@ -8,9 +8,9 @@ and :math:`B_S = n\\Delta` bounds the batch size up to which mini-batch SGD keep
 """
 from . import (batching, data, diversity, federated, models, norms, plasticity, plotting, results, runtime, scaling,
                sharpness, train, widgets, workers)
-from .runtime import pick_device, seed_everything, setup
+from .runtime import glue, pick_device, seed_everything, setup
 
 __version__ = "0.1.0"
 
 __all__ = ["batching", "data", "diversity", "federated", "models", "norms", "plasticity", "plotting", "results", "runtime", "scaling",
-           "sharpness", "train", "widgets", "workers", "pick_device", "seed_everything", "setup", "__version__"]
+           "sharpness", "train", "widgets", "workers", "glue", "pick_device", "seed_everything", "setup", "__version__"]

@@ -302,6 +302,9 @@ def _normalize_rows(V: Tensor) -> Tensor:
 class Server:
     """Base class of the server optimizers: holds the global parameters ``params`` ``(P,)``.
 
+    After :meth:`aggregate`, ``last_weights`` ``(N,)`` holds the weight each client's update received this round
+    (zeros for clients that did not contribute) and ``last_direction_norm`` the norm of the applied direction.
+
     Parameters
     ----------
     params : Tensor
@@ -310,9 +313,6 @@ class Server:
         :math:`N`, the number of clients (servers with per-client state need it).
     lr : float
         Server learning rate :math:`\\eta_g > 0`.
-
-    After :meth:`aggregate`, ``last_weights`` ``(N,)`` holds the weight each client's update received this round
-    (zeros for clients that did not contribute) and ``last_direction_norm`` the norm of the applied direction.
     """
 
     name = "server"

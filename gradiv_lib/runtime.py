@@ -49,6 +49,19 @@ def default_threads() -> int:
     return int(env)
 
 
+def glue(name: str, value: object, display: bool = False) -> None:
+    """``myst_nb.glue`` for the book's numbers, with NumPy and torch scalars turned into Python ones.
+
+    The book formats glued numbers from their text form (``{glue:text}`key:.2f```), which
+    NumPy 2 writes as ``np.float64(...)``: that would not parse.
+    """
+    from myst_nb import glue as myst_glue
+
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()
+    myst_glue(name, value, display=display)
+
+
 def setup(seed: int = 0, *, threads: int | None = None, device: str | None = None) -> torch.device:
     """Book style, seeds, CPU thread count and device in one call; returns the device.
 

@@ -241,6 +241,20 @@ def test_saved_forward_state_holds_no_autograd_graph(layer: nn.Module, shape: tu
     assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
 
 
+def test_saved_activations_are_released_when_their_hook_fires() -> None:
+    """Hooks live as long as the graph (until the user drops ``loss``); the activations they saved
+    must not, or the meter would keep every layer input alive after the backward pass."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    outputs: list[Tensor] = []
+    model[0].register_forward_hook(lambda module, args, out: outputs.append(out))
+    with DiversityMeter(model):
+        loss = nn.CrossEntropyLoss()(model(torch.randn(5, 3)), classes(5, 2))
+        saved = [hook.args[-1] for hook in outputs[0]._backward_hooks.values()]
+        assert saved and all(s._value is not None for s in saved)
+        loss.backward()
+    assert all(s._value is None for s in saved)
+
+
 # --- parameter sharing, freezing, mixed models -----------------------------------------------------
 
 

@@ -51,3 +51,16 @@ def test_explorer_needs_controls():
 def test_one_thread_by_default(monkeypatch):
     monkeypatch.delenv("GRADIV_THREADS", raising=False)
     assert gl.runtime.default_threads() == 1
+
+
+def test_glue_turns_numpy_and_torch_scalars_into_python_numbers(monkeypatch):
+    import numpy as np
+    import myst_nb
+
+    seen = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=False: seen.__setitem__(name, value))
+    gl.glue("a", np.float64(0.5))
+    gl.glue("b", torch.tensor(3))
+    gl.glue("c", "text")
+    assert seen == {"a": 0.5, "b": 3, "c": "text"}
+    assert type(seen["a"]) is float and type(seen["b"]) is int

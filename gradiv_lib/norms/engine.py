@@ -39,12 +39,12 @@ class _Layer:
     """A module whose trainable parameters one rule (or the fallback) is responsible for."""
 
     path: str
-    module: nn.Module
-    params: dict[str, nn.Parameter]
-    rule: LayerRule | None
+    module: nn.Module = field(repr=False)
+    params: dict[str, nn.Parameter] = field(repr=False)
+    rule: LayerRule | None = field(repr=False)
     shares_parameters: bool = False
     calls: int = 0
-    param_ids: frozenset[int] = field(init=False)
+    param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.param_ids = frozenset(id(p) for p in self.params.values())
@@ -52,6 +52,21 @@ class _Layer:
     @property
     def name(self) -> str:
         return f"'{self.path or '<model>'}' ({type(self.module).__qualname__})"
+
+
+class _SavedOnce:
+    """Forward-pass state for exactly one backward hook call, dropped when taken: the hook object
+    lives as long as the autograd graph, and holding activations there would keep them alive until
+    the end of the backward pass instead of letting autograd free them layer by layer."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def take(self) -> Any:
+        value, self._value = self._value, None
+        return value
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -229,7 +244,7 @@ class PerSampleNormEngine:
             )
         self._check_batch(layer, activation)
         layer.calls += 1
-        output.register_hook(partial(self._on_rule_output_grad, layer, layer.rule.save(module, activation, output)))
+        output.register_hook(partial(self._on_rule_output_grad, layer, _SavedOnce(layer.rule.save(module, activation, output))))
 
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not self._recording():
@@ -242,8 +257,8 @@ class PerSampleNormEngine:
             self._check_batch(layer, leaves[index])
         layer.calls += 1
         warn_fallback_once(module, layer.path)
-        saved_args, saved_kwargs = tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs))
-        hook = partial(self._on_fallback_output_grads, layer, saved_args, saved_kwargs, indices)
+        saved = _SavedOnce(tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)))
+        hook = partial(self._on_fallback_output_grads, layer, saved, indices)
         torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in indices], hook, mode="all")
 
     # --- backward --------------------------------------------------------------------------------
@@ -251,7 +266,10 @@ class PerSampleNormEngine:
     def _materializes(self, layer: _Layer) -> bool:
         return layer.shares_parameters or layer.calls > 1
 
-    def _on_rule_output_grad(self, layer: _Layer, saved: Any, grad_output: Tensor) -> None:
+    def _on_rule_output_grad(self, layer: _Layer, saved_once: _SavedOnce, grad_output: Tensor) -> None:
+        saved = saved_once.take()
+        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            return
         with torch.no_grad():
             if self._materializes(layer):
                 self._add_per_sample_grads(layer, layer.rule.per_sample_grads(layer.module, saved, grad_output))
@@ -259,7 +277,11 @@ class PerSampleNormEngine:
                 self._add_sq_norms(layer.rule.sq_norms(layer.module, saved, grad_output, self._strategy))
         self._covered |= layer.param_ids
 
-    def _on_fallback_output_grads(self, layer: _Layer, args: tuple[Any, ...], kwargs: dict[str, Any], indices: list[int], grads: list[Tensor | None]) -> None:
+    def _on_fallback_output_grads(self, layer: _Layer, saved_once: _SavedOnce, indices: list[int], grads: list[Tensor | None]) -> None:
+        saved = saved_once.take()
+        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            return
+        args, kwargs = saved
         self._paused = True
         try:
             per_sample = fallback_per_sample_grads(layer.module, layer.path, layer.params, args, kwargs, indices, grads, self._batch_size)
