@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .results import save_checkpoint
 from .data import InMemoryData
 from .workers._engines import FlatSpec, bmm_layers, sample_mixing_layers
 from .workers.simulator import diversity_variants
@@ -914,18 +913,6 @@ class FederatedHistory(dict):
         return float(self["test_accuracy"][-1])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_federated(federation: Federation, server: str | Server, rounds: int, *, per_round: int,
                   test: InMemoryData | tuple[Tensor, Tensor] | None = None, seed: int = 0, eval_every: int = 1,
                   startup: bool | None = None, checkpoint: str | Path | None = None, checkpoint_every: int = 10,
@@ -1026,7 +1013,7 @@ def run_federated(federation: Federation, server: str | Server, rounds: int, *, 
             steps[torch.as_tensor(clients)] = torch.tensor(info["steps"], dtype=torch.float32)
             hist["local_steps"].append(steps)
         if ckpt is not None and ((t + 1) % checkpoint_every == 0 or t + 1 == rounds):
-            _atomic_save({"round": t + 1, "server": server.state_dict(), "history": hist}, ckpt)
+            save_checkpoint({"round": t + 1, "server": server.state_dict(), "history": hist}, ckpt)
     out = FederatedHistory()
     for k, v in hist.items():
         if k in ("weights", "participants", "local_steps"):

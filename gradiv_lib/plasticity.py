@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -50,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .results import save_checkpoint
 from .data import InMemoryData, Task, label_permutation_tasks, permuted_tasks, random_label_tasks, class_incremental_tasks
 
 __all__ = [
@@ -740,18 +740,6 @@ def _diversity(model: nn.Module, probe: InMemoryData, loss_fn: Callable) -> floa
         model.train(was_training)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train_continual(
     model: nn.Module,
     tasks: Sequence[Task | InMemoryData | tuple[Tensor, Tensor]],
@@ -897,7 +885,7 @@ def train_continual(
             history.seconds.append((history.seconds[-1] if history.seconds else 0.0) + elapsed)
             bar.set_postfix(acc=f"{history.end_accuracy[-1]:.3f}")
             if path is not None:
-                _atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
                               "regularizer": regularizer.state_dict(), "generator": generator.get_state(),
                               "torch_rng": torch.get_rng_state(), "history": history.to_dict()}, path)
             if on_task_end is not None:

@@ -79,18 +79,35 @@ def save(name: str, data: dict[str, Any], *, config: dict[str, Any], seconds: fl
         "machine": machine_info(device),
         "data": data,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(payload, f, indent=1, sort_keys=False)
             f.write("\n")
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped package data must be readable by all
+
+    _replace_atomically(path, write_json)
+    return path
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: readers see
+    the old file or the new one, never half of one, and an interrupted write leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically (a temporary file, then a rename), so an interrupted run never leaves a
+    truncated checkpoint. Store plain tensors and containers: checkpoints are read back with
+    ``torch.load(..., weights_only=True)``."""
+    _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def load(name: str, *, root: Path | None = None) -> dict[str, Any]:

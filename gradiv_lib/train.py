@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batching import BatchSchedule, FixedBatch, Resize
+from .results import save_checkpoint as write_checkpoint
 from .data import InMemoryData
 from .diversity import DiversityResult, EpochDiversityAccumulator
 
@@ -346,18 +346,6 @@ def _measure_separately(model: nn.Module, loss_fn: Any, xb: Tensor, yb: Tensor, 
     return torch.cat(norms), total
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -560,7 +548,7 @@ def train(
             start_epoch, finished = int(state["epoch"]), bool(state["finished"])
 
         def save_checkpoint(completed: int, done: bool) -> None:
-            _atomic_save({
+            write_checkpoint({
                 "format": CHECKPOINT_FORMAT, "config": config, "epoch": completed, "finished": done,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "lr_scheduler": None if sched is None else sched.state_dict(),

@@ -37,3 +37,15 @@ def test_bad_names(name, tmp_path):
 def test_missing_result_names_what_exists():
     with pytest.raises(FileNotFoundError, match="no result 'nope/never' shipped with gradiv_lib; available"):
         results.load("nope/never")
+
+
+def test_save_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
+    import torch
+
+    path = tmp_path / "run" / "ckpt.pt"
+    results.save_checkpoint({"w": torch.ones(3), "epoch": 2}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    with pytest.raises(Exception):
+        results.save_checkpoint({"bad": lambda: 0}, path)       # cannot be pickled: the old file survives
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert not list(path.parent.glob(".*.tmp"))
