@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..data import InMemoryData, partition_iid
 from ._engines import FlatSpec, LoopEngine
 from .algorithms import DSGD, SGD, LocalSGD, MinibatchSGD, ShardSampler, check_algorithm, sgd_update
-from .simulator import _as_data, _as_optimizer, _check_model
+from .simulator import _as_data, _as_optimizer, _check_model, _check_run_arguments
 from .topology import TOPOLOGIES, Topology, make_topology
 
 __all__ = ["DistributedWorker", "spawn", "spawn_cli", "free_port", "main", "run_cli", "build_parser", "build_run"]
@@ -176,10 +176,7 @@ class DistributedWorker:
     def run(self, steps: int, *, record_every: int = 1) -> dict[str, np.ndarray]:
         """``steps`` steps (collective); records the workers' mean batch loss and the consensus distance every
         ``record_every`` steps, like :meth:`Simulator.run`."""
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        if isinstance(record_every, bool) or not isinstance(record_every, (int, np.integer)) or record_every < 0:
-            raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
+        _check_run_arguments(steps, record_every)
         history: dict[str, list[float]] = {"step": [], "loss": [], "consensus": []}
         for _ in range(int(steps)):
             loss = self.step()

@@ -148,6 +148,13 @@ class _StackedComm:
         return out
 
 
+def _check_run_arguments(steps: object, record_every: object) -> None:
+    """Validate ``steps`` and ``record_every`` of a run (simulated here, or real in ``distributed``)."""
+    for name, value in (("steps", steps), ("record_every", record_every)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 class Simulator:
     r"""``K`` workers of ``model`` trained by ``algorithm`` on shards of ``data``, all in stacked tensors.
 
@@ -349,10 +356,7 @@ class Simulator:
         Returns a dict of NumPy arrays keyed ``"step"``, ``"loss"``, ``"consensus"`` and the callback's keys
         (``record_every=0`` records nothing).
         """
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        if isinstance(record_every, bool) or not isinstance(record_every, (int, np.integer)) or record_every < 0:
-            raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
+        _check_run_arguments(steps, record_every)
         history: dict[str, list[float]] = {"step": [], "loss": [], "consensus": []}
         for _ in range(int(steps)):
             losses = self.step()
