@@ -29,6 +29,24 @@ def _toc_files() -> set[str]:
     return files
 
 
+def _prose_lines(markdown: str) -> list[str]:
+    """The lines of a markdown cell outside fenced code blocks (a `# comment` in code is no heading)."""
+    lines, fence = [], None
+    for line in markdown.splitlines():
+        marker = line.lstrip()[:3]
+        if marker in ("```", "~~~"):
+            fence = None if fence == marker else (fence or marker)
+            continue
+        if fence is None:
+            lines.append(line)
+    return lines
+
+
+def test_prose_lines_skip_code_fences() -> None:
+    text = "# Title\n\n```python\n# a comment\n```\n\n~~~\n# another\n~~~\nmore"
+    assert _prose_lines(text) == ["# Title", "", "", "more"]
+
+
 def _load(nb: Path) -> dict:
     return json.loads(nb.read_text(encoding="utf-8"))
 
@@ -73,8 +91,8 @@ def test_setup_cell_first(nb: Path) -> None:
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=IDS)
 def test_one_title_and_hidden_checks(nb: Path) -> None:
     cells = _load(nb)["cells"]
-    titles = [line for c in cells if c["cell_type"] == "markdown"
-              for line in "".join(c["source"]).splitlines() if line.startswith("# ")]
+    titles = [line for c in cells if c["cell_type"] == "markdown" for line in _prose_lines("".join(c["source"]))
+              if line.startswith("# ")]
     assert len(titles) == 1, f"{nb.name}: want exactly one H1 (the page title), found {titles}"
     checks = [c for c in cells if c["cell_type"] == "code" and "remove-cell" in c.get("metadata", {}).get("tags", [])
               and "assert" in "".join(c["source"])]
