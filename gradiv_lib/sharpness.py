@@ -287,6 +287,14 @@ class SharpnessResult:
     samples: int
 
 
+def _draw_perturbations(size: int, sigma, deviations, w: Tensor, samples: int, antithetic: bool, seed: int) -> Tensor:
+    """``samples`` perturbations (rows) from :func:`_perturbation_sampler`, in ``±`` pairs when ``antithetic``
+    (then ``samples`` is rounded up to even), reproducible from ``seed``."""
+    draw = _perturbation_sampler(size, sigma, deviations, w)
+    eps = draw(math.ceil(samples / 2) if antithetic else samples, torch.Generator().manual_seed(seed))
+    return torch.cat([eps, -eps]) if antithetic else eps
+
+
 def average_direction_sharpness(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, *,
                                 sigma: float | None = None, deviations: Tensor | None = None, samples: int = 256,
                                 antithetic: bool = True, seed: int = 0, batch_size: int | None = None) -> SharpnessResult:
@@ -300,16 +308,12 @@ def average_direction_sharpness(model: nn.Module, loss_fn: LossFn, inputs: Tenso
     spec = _check_inputs(model, loss_fn, inputs, targets, batch_size)
     _check_positive_int(samples, "samples")
     w = spec.flatten(model)
-    draw = _perturbation_sampler(spec.size, sigma, deviations, w)
-    gen = torch.Generator().manual_seed(seed)
-    half = math.ceil(samples / 2) if antithetic else samples
-    eps = draw(half, gen)
-    if antithetic:
-        eps = torch.cat([eps, -eps])
+    eps = _draw_perturbations(spec.size, sigma, deviations, w, samples, antithetic, seed)
     base = float(_losses_at(model, spec, loss_fn, w.unsqueeze(0), inputs, targets, batch_size)[0])
     losses = _losses_at(model, spec, loss_fn, w.unsqueeze(0) + eps, inputs, targets, batch_size)
     if not bool(torch.isfinite(losses).all()):
         raise FloatingPointError("the loss is not finite at some perturbed parameters; use a smaller sigma/deviations")
+    half = eps.shape[0] // 2
     per = (losses[:half] + losses[half:]) / 2 - base if antithetic else losses - base
     se = float(per.std() / math.sqrt(len(per))) if len(per) > 1 else math.inf
     return SharpnessResult(float(per.mean()), se, base, int(eps.shape[0]))
@@ -345,12 +349,7 @@ def smoothed_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets
     _check_positive_int(samples, "samples")
     _check_positive_int(chunk, "chunk")
     w = spec.flatten(model)
-    draw = _perturbation_sampler(spec.size, sigma, deviations, w)
-    gen = torch.Generator().manual_seed(seed)
-    half = math.ceil(samples / 2) if antithetic else samples
-    eps = draw(half, gen)
-    if antithetic:
-        eps = torch.cat([eps, -eps])
+    eps = _draw_perturbations(spec.size, sigma, deviations, w, samples, antithetic, seed)
     n = inputs.shape[0]
     total = torch.zeros(spec.size, dtype=torch.float64, device=w.device)
     for s in range(0, eps.shape[0], chunk):
