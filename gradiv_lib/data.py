@@ -1078,28 +1078,13 @@ def permuted_tasks(
     reshaped. ``info["permutation"]`` holds the permutation.
     """
     train, test = _stream_inputs(data, test, n_tasks)
-    n_features = train.x[0].numel()
-    generator = torch.Generator().manual_seed(seed)
-    tasks = []
-    for t in range(n_tasks):
-        if t == 0 and identity_first:
-            perm = torch.arange(n_features)
-        else:
-            perm = torch.randperm(n_features, generator=generator)
 
-        def permute(d: InMemoryData, perm: Tensor = perm) -> InMemoryData:
-            flat = d.x.reshape(len(d), -1)[:, perm.to(d.device)]
-            return InMemoryData(flat.reshape(d.x.shape), d.y, d.info)
+    def permute(d: InMemoryData, perm: Tensor) -> InMemoryData:
+        flat = d.x.reshape(len(d), -1)[:, perm.to(d.device)]
+        return InMemoryData(flat.reshape(d.x.shape), d.y, d.info)
 
-        tasks.append(
-            Task(
-                f"permuted-{t}",
-                permute(train),
-                None if test is None else permute(test),
-                {"permutation": perm},
-            )
-        )
-    return tasks
+    return _permutation_stream("permuted", "permutation", train, test, n_tasks, train.x[0].numel(), permute,
+                               seed, identity_first)
 
 
 def random_label_tasks(
@@ -1139,27 +1124,24 @@ def label_permutation_tasks(
     :math:`\\pi_t`.
     """
     train, test = _stream_inputs(data, test, n_tasks)
-    classes = _num_classes(train, test)
+
+    def relabel(d: InMemoryData, label_map: Tensor) -> InMemoryData:
+        return InMemoryData(d.x, label_map.to(d.device)[d.y], d.info)
+
+    return _permutation_stream("label-permutation", "label_map", train, test, n_tasks, _num_classes(train, test),
+                               relabel, seed, identity_first)
+
+
+def _permutation_stream(name: str, info_key: str, train: InMemoryData, test: InMemoryData | None, n_tasks: int,
+                        size: int, transform, seed: int, identity_first: bool) -> list[Task]:
+    """Tasks ``transform(data, pi_t)`` with a fresh random permutation ``pi_t`` of ``range(size)`` per task
+    (the identity for task 0 when ``identity_first``), applied to train and test alike."""
     generator = torch.Generator().manual_seed(seed)
     tasks = []
     for t in range(n_tasks):
-        label_map = (
-            torch.arange(classes)
-            if t == 0 and identity_first
-            else torch.randperm(classes, generator=generator)
-        )
-
-        def relabel(d: InMemoryData, label_map: Tensor = label_map) -> InMemoryData:
-            return InMemoryData(d.x, label_map.to(d.device)[d.y], d.info)
-
-        tasks.append(
-            Task(
-                f"label-permutation-{t}",
-                relabel(train),
-                None if test is None else relabel(test),
-                {"label_map": label_map},
-            )
-        )
+        perm = torch.arange(size) if t == 0 and identity_first else torch.randperm(size, generator=generator)
+        tasks.append(Task(f"{name}-{t}", transform(train, perm), None if test is None else transform(test, perm),
+                          {info_key: perm}))
     return tasks
 
 
