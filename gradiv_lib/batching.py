@@ -2,7 +2,7 @@
 
 Derived in chapter 4 of the book (``book/ch04_divebatch``).
 
-Every schedule has one interface, so a training loop (:func:`gradiv_lib.train.train` or your own)
+Every schedule has one interface, so a training loop (:func:`gradiv_lib.training.train` or your own)
 swaps adaptive batch sizes in by changing one line:
 
 * :attr:`~BatchSchedule.batch_size` — the batch size of the coming epoch;

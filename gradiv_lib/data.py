@@ -474,7 +474,11 @@ def load_digits(
     -------
     (train, test) : tuple of InMemoryData
     """
-    from sklearn.datasets import load_digits as sklearn_load_digits
+    try:
+        from sklearn.datasets import load_digits as sklearn_load_digits
+    except ImportError as error:
+        raise ImportError('load_digits reads the digits data set that ships with scikit-learn, which is not '
+                          'installed: pip install "gradiv_lib[book]" (or scikit-learn)') from error
 
     bunch = sklearn_load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.float64) / 16.0

@@ -504,7 +504,7 @@ def as_tasks(items: Iterable[Task | InMemoryData | tuple[Tensor, Tensor]]) -> li
 
 def task_accuracy(model: nn.Module, data: Task | InMemoryData | tuple[Tensor, Tensor], *, split: str = "train") -> float:
     """Accuracy of ``model`` on a task's ``split`` (``"train"`` or ``"test"``) or on data, in eval mode."""
-    from .train import evaluate
+    from .training import evaluate
 
     if isinstance(data, Task):
         if split not in ("train", "test"):

@@ -1,15 +1,16 @@
 """One figure style for the whole book.
 
-Every chapter calls :func:`use_book_style` (through :func:`gradiv_lib.setup`) so that figures share
-fonts, sizes, colours and line widths, and draws with the helpers here so that the same method has
-the same colour on every page.
+The style is a matplotlib style file, :data:`STYLE` (``gradiv_lib/book.mplstyle``): every chapter
+applies it through :func:`gradiv_lib.setup_book`, and your own code can use it for a few figures with
+``plt.style.context(STYLE)``. The helpers here draw so that the same method has the same colour on
+every page. This module needs matplotlib (``pip install "gradiv_lib[book]"``).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -49,36 +50,14 @@ METHOD_COLORS: dict[str, str] = {
 #: Width of a full-width figure in inches (the book's text column).
 FULL_WIDTH = 7.5
 
-_BOOK_RC: dict[str, Any] = {
-    "figure.figsize": (FULL_WIDTH, 3.2),
-    "figure.dpi": 100,
-    "savefig.dpi": 150,
-    "savefig.bbox": "tight",
-    "figure.constrained_layout.use": True,
-    "font.size": 10,
-    "axes.titlesize": 10,
-    "axes.titleweight": "bold",
-    "axes.labelsize": 10,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.6,
-    "axes.prop_cycle": mpl.cycler(color=list(PALETTE)),
-    "lines.linewidth": 1.8,
-    "lines.markersize": 4,
-    "legend.frameon": False,
-    "legend.fontsize": 9,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "image.cmap": "viridis",
-    "svg.hashsalt": "gradiv",  # deterministic SVG ids, should a figure ever be saved as SVG
-}
+#: The book's matplotlib style file: ``plt.style.use(STYLE)`` or ``with plt.style.context(STYLE): ...``.
+STYLE: str = str(Path(__file__).resolve().with_name("book.mplstyle"))
 
 
 def use_book_style() -> None:
-    """Apply the book's matplotlib style (fonts, sizes, colour cycle, grid) globally."""
-    mpl.rcParams.update(_BOOK_RC)
+    """Apply the book's matplotlib style (:data:`STYLE`: fonts, sizes, colour cycle, grid) globally,
+    and inside IPython show figures as high-resolution PNG. :func:`gradiv_lib.setup_book` calls it."""
+    plt.style.use(STYLE)
     _use_png_inline()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,9 +83,9 @@ def test_setup_cell_first(nb: Path) -> None:
     first = code[0]
     source = "".join(first["source"])
     assert '"google.colab" in sys.modules' in source, f"{nb.name}: first code cell must guard the Colab install"
-    assert "gradiv_lib @ git+https://github.com/gradiv/gradiv@main" in source, (
-        f"{nb.name}: the Colab install must pin the branch the launch buttons use (main)")
-    assert "gl.setup(" in source, f"{nb.name}: first code cell must call gl.setup()"
+    assert re.search(r'%pip install -q "gradiv_lib\[book(,\w+)*\] @ git\+https://github.com/gradiv/gradiv@main"', source), (
+        f"{nb.name}: the Colab install must take the [book] extra and pin the branch the launch buttons use (main)")
+    assert "gl.setup_book(" in source, f"{nb.name}: first code cell must call gl.setup_book()"
     assert "hide-cell" in first.get("metadata", {}).get("tags", []), f"{nb.name}: setup cell must be tagged hide-cell"
 
 

@@ -11,7 +11,7 @@ from gradiv_lib import models
 from gradiv_lib.batching import AdaBatch, DiveBatch, FixedBatch, NoiseScaleBatch
 from gradiv_lib.data import InMemoryData, synthetic_classification
 from gradiv_lib.diversity import gradient_diversity
-from gradiv_lib.train import History, evaluate, train
+from gradiv_lib.training import History, evaluate, train
 
 
 @pytest.fixture(scope="module")

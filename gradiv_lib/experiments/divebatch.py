@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .. import batching, data as gdata, models, results
-from ..train import History, train
+from ..training import History, train
 
 __all__ = ["CONFIGS", "METHODS", "digits_standardized", "load_data", "make_model", "make_schedule", "run", "run_method",
            "summarize"]
@@ -147,7 +147,7 @@ def run_method(method: str, config: dict[str, Any], seed: int, train_data: gdata
                test_data: gdata.InMemoryData, *, transform: Callable[..., Any] | None = None,
                device: torch.device | str = "cpu", checkpoint_path: str | Path | None = None,
                progress: bool = False, on_nonfinite: str = "stop") -> History:
-    """Train one method with one seed under ``config``; returns its :class:`~gradiv_lib.train.History`."""
+    """Train one method with one seed under ``config``; returns its :class:`~gradiv_lib.training.History`."""
     schedule, lr = make_schedule(method, config)
     model = make_model(config, seed)
     return train(model, train_data, schedule=schedule, epochs=config["epochs"], lr=lr, momentum=config["momentum"],

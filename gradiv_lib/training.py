@@ -3,7 +3,8 @@
 Derived in chapter 4 of the book (``book/ch04_divebatch``), where every run goes through it.
 
 :func:`train` runs mini-batch training on an :class:`~gradiv_lib.data.InMemoryData` (tensors on one
-device, so the batch size can change between epochs at no cost) with any
+device, so the batch size can change between epochs at no cost) or any map-style torch ``Dataset``
+(:class:`~gradiv_lib.mapstyle.MapStyleData`) with any
 :class:`~gradiv_lib.batching.BatchSchedule`:
 
 * the optimizer and the learning-rate scheduler are built once and kept across batch-size changes
@@ -43,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .batching import BatchSchedule, FixedBatch, Resize
 from .results import save_checkpoint as write_checkpoint
 from .data import InMemoryData
+from .mapstyle import MapStyleData
 from .diversity import DiversityResult, EpochDiversityAccumulator
 
 __all__ = ["CHECKPOINT_FORMAT", "OPTIMIZERS", "History", "evaluate", "train"]
@@ -172,16 +174,24 @@ class History:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_data(data: Any, name: str) -> InMemoryData:
-    if isinstance(data, InMemoryData):
+def _as_data(data: Any, name: str) -> InMemoryData | MapStyleData:
+    if isinstance(data, (InMemoryData, MapStyleData)):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return InMemoryData(data[0], data[1])
-    raise TypeError(f"{name} must be InMemoryData or an (x, y) pair of tensors, got {type(data).__name__}")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return MapStyleData(data)
+    raise TypeError(f"{name} must be InMemoryData, an (x, y) pair of tensors or a map-style torch Dataset "
+                    f"(wrap one in gradiv_lib.mapstyle.MapStyleData for DataLoader workers), got {type(data).__name__}")
 
 
-def _is_classification(data: InMemoryData) -> bool:
-    return not data.y.dtype.is_floating_point and data.y.dim() == 1
+def _head(data: InMemoryData | MapStyleData, n: int) -> tuple[Tensor, Tensor]:
+    return data.head(n) if isinstance(data, MapStyleData) else (data.x[:n], data.y[:n])
+
+
+def _is_classification(data: InMemoryData | MapStyleData) -> bool:
+    y = _head(data, 1)[1]
+    return not y.dtype.is_floating_point and y.dim() == 1
 
 
 def _default_loss(data: InMemoryData) -> nn.Module:
@@ -392,8 +402,10 @@ def train(
     ----------
     model : nn.Module
         Trained in place (moved to ``device``).
-    data : InMemoryData or (x, y)
-        Training set, moved once to ``device`` (keep it there: GPU-resident data).
+    data : InMemoryData, (x, y) or a map-style torch Dataset
+        Training set. Tensors are moved once to ``device`` (keep them there: GPU-resident data); a
+        ``torch.utils.data.Dataset`` (items ``(x, y)``) is read batch by batch through a DataLoader
+        (:class:`~gradiv_lib.mapstyle.MapStyleData`; wrap it yourself for worker processes).
     schedule : BatchSchedule or int
         A :mod:`gradiv_lib.batching` schedule, or an int for :class:`~gradiv_lib.batching.FixedBatch`.
         It is bound to ``len(data)`` (batch sizes must lie in [1, N]) and its state is checkpointed. A
@@ -513,7 +525,7 @@ def train(
     sched = _build_lr_scheduler(lr_scheduler, opt, epochs)
     classify = _is_classification(train_data)
     n_train = len(train_data)
-    reduction = _loss_reduction(loss_fn, model, train_data.x[:8], train_data.y[:8])
+    reduction = _loss_reduction(loss_fn, model, *_head(train_data, 8))
 
     config = {"schedule": schedule.name, "initial_batch_size": schedule.initial_batch_size, "epochs": epochs,
               "seed": seed, "n_samples": n_train, "n_params": sum(p.numel() for p in params)}
