@@ -1,7 +1,7 @@
 # gradiv: two commands do everything on a fresh machine.
 #   make book   create .venv, install, execute every notebook, build _build/html
 #   make test   the same set-up, then unit tests, nbval over every notebook, the strict book build,
-#               and the headless-browser check of the built pages
+#               the headless-browser check of the built pages, and the Colab/Binder reader's path
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -16,11 +16,12 @@ EXECUTED := _build/executed
 NB_WORKERS ?= 2
 
 
-.PHONY: help install book test unit notebooks build-book check-book browser benchmarks clean distclean
+.PHONY: help install book test unit notebooks build-book check-book browser reader-path benchmarks clean distclean
 
 help:
 	@echo "make book       build the HTML book into _build/html (installs everything into .venv first)"
 	@echo "make test       unit tests + nbval over every notebook + strict book build + browser check"
+	@echo "make reader-path  a fresh venv with torch + gradiv_lib[book] (what a Colab set-up cell installs) runs notebooks"
 	@echo "make benchmarks run benchmarks/ and print the side-by-side ratios"
 	@echo "make clean      remove _build (keeps .venv); make distclean also removes .venv"
 
@@ -66,7 +67,11 @@ browser:
 check-book: $(STAMP) browser
 	$(BIN)/pytest tests/book -q
 
-test: unit notebooks build-book check-book
+# The Colab/Binder reader: torch + exactly what a notebook's set-up cell installs, from this checkout, in a new venv.
+reader-path: $(STAMP)
+	$(BIN)/python tests/reader_path.py
+
+test: unit notebooks build-book check-book reader-path
 	@echo "make test: all checks passed"
 
 benchmarks: $(STAMP)

@@ -180,3 +180,22 @@ def test_launch_buttons_point_at_the_notebooks() -> None:
         binder = f"https://mybinder.org/v2/gh/gradiv/gradiv/main?urlpath=lab/tree/{notebook.as_posix()}"
         assert colab in html, f"{page}: no Colab button for {notebook}"
         assert binder in html, f"{page}: no Binder button for {notebook}"
+
+
+def test_live_code_button_starts_a_binder_kernel_in_the_page() -> None:
+    """Every notebook page has Thebe's "Live Code" button, configured for this repository's Binder
+    environment on main, so an online reader can move the widgets without leaving the book."""
+    _prerequisites()
+    pages = 0
+    for page in _toc_pages():
+        if not (ROOT / page.relative_to(HTML).with_suffix(".ipynb")).exists():
+            continue
+        html = page.read_text(encoding="utf-8")
+        assert "initThebeSBT()" in html and "Live Code" in html, f"{page}: no Live Code (Thebe) button"
+        config = re.search(r'<script type="text/x-thebe-config">(.*?)</script>', html, re.S)
+        assert config, f"{page}: no Thebe configuration"
+        assert 'repo: "gradiv/gradiv"' in config.group(1) and 'ref: "main"' in config.group(1), config.group(1)
+        assert "mybinder.org" in config.group(1), config.group(1)
+        pages += 1
+    assert pages >= 20
+
