@@ -230,5 +230,5 @@ def test_optimizer_instance_and_lr_conflict(blobs):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="set them in the optimizer itself"):
         train(model, train_data, schedule=8, epochs=1, lr=0.1, optimizer=opt, progress=False)
-    with pytest.raises(TypeError, match="InMemoryData or an"):
+    with pytest.raises(TypeError, match=r"InMemoryData, an \(x, y\) pair of tensors or a map-style torch Dataset"):
         train(model, [1, 2, 3], schedule=8, epochs=1, optimizer=opt, progress=False)
