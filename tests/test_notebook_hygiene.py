@@ -109,3 +109,58 @@ def test_config_traps_handled() -> None:
     assert config["sphinx"]["recursive_update"] is True
     assert {"amsmath", "dollarmath", "colon_fence"} <= set(config["parse"]["myst_enable_extensions"])
     assert config["launch_buttons"]["colab_url"] and config["launch_buttons"]["binderhub_url"]
+
+
+# ---- sources that render: no control characters, no broken LaTeX ---------------------------------------
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")   # all but \t and \n: a lost backslash (\a, \b, \r, \f, \v)
+MATH = re.compile(r"\$\$(.+?)\$\$|(?<![\\$])\$([^$]+?)\$", re.S)
+# Commands whose first letter a lost escape eats: "\rVert" -> CR + "Vert", "\rangle", "\right", "\rho", "\beta" ...
+ORPHANS = re.compile(r"(?m)^(Vert|angle|ight|ho|eta|lpha|ar|rac|imes|ext|orall|abla|ot|ewline)\b")
+
+
+def latex_problems(text: str) -> list[str]:
+    """What is wrong with the math of a markdown source: control characters, unbalanced braces,
+    unmatched \\left/\\right or \\begin/\\end, and the remnants of a command whose backslash was lost."""
+    problems = [f"control character {m.group()!r} at offset {m.start()}" for m in CONTROL.finditer(text)]
+    prose = "\n".join(_prose_lines(text))
+    prose = re.sub(r"`[^`\n]*`", "", prose)                  # inline code is not math
+    for m in MATH.finditer(prose):
+        math = m.group(1) or m.group(2)
+        plain = re.sub(r"\\[\\{}]", "", math)                 # escaped braces and \\ line breaks
+        if plain.count("{") != plain.count("}"):
+            problems.append(f"unbalanced braces in ${math.strip()[:60]}$")
+        if len(re.findall(r"\\left\b", math)) != len(re.findall(r"\\right\b", math)):
+            problems.append(f"\\left without \\right in ${math.strip()[:60]}$")
+        if re.findall(r"\\begin\{(\w+\*?)\}", math) != re.findall(r"\\begin\{(\w+\*?)\}", math) or \
+                sorted(re.findall(r"\\begin\{(\w+\*?)\}", math)) != sorted(re.findall(r"\\end\{(\w+\*?)\}", math)):
+            problems.append(f"\\begin/\\end mismatch in ${math.strip()[:60]}$")
+        if ORPHANS.search(math):
+            problems.append(f"a command that lost its backslash in ${math.strip()[:60]}$")
+    return problems
+
+
+def test_latex_problems_are_found() -> None:
+    assert latex_problems(r"fine: $\lVert d\rVert$ and $$\begin{aligned}a&=\left(b\right)\end{aligned}$$ and `$x{`") == []
+    assert latex_problems("lost: $\\lVert d\rVert$")                 # "\r" became a carriage return
+    assert latex_problems("lost: $\\lVert d\nVert$")                 # ... or a line break
+    assert latex_problems("bell: $\alpha$")
+    assert latex_problems(r"$\frac{a}{b$")
+    assert latex_problems(r"$\left(a$")
+    assert latex_problems(r"$$\begin{aligned}a\end{align}$$")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=IDS)
+def test_sources_have_no_control_characters_or_broken_latex(nb: Path) -> None:
+    for i, cell in enumerate(_load(nb)["cells"]):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
+            problems = latex_problems(source)
+        else:
+            problems = [f"control character {m.group()!r}" for m in CONTROL.finditer(source)]
+        assert not problems, f"{nb.name} cell {i}: {problems}"
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "book").rglob("*.md")), ids=lambda p: p.name)
+def test_markdown_pages_have_no_broken_latex(page: Path) -> None:
+    assert not latex_problems(page.read_text(encoding="utf-8")), page

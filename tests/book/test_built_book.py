@@ -87,6 +87,7 @@ class _VisibleText(HTMLParser):
         self.text: list[str] = []
         self.images: list[str] = []
         self.error_boxes: list[str] = []
+        self.math_errors: list[str] = []
         self.math_rendered = 0
 
     def handle_starttag(self, tag, attrs):
@@ -96,6 +97,10 @@ class _VisibleText(HTMLParser):
             self.images.append(attrs.get("src") or "")
         if tag == "mjx-container":
             self.math_rendered += 1
+        # MathJax 3's output for a TeX error (merror, with data-mjx-error) and for an undefined macro (red text)
+        if tag == "mjx-merror" or "data-mjx-error" in attrs or (
+                tag.startswith("mjx-") and re.search(r"color:\s*red", attrs.get("style") or "")):
+            self.math_errors.append(f"<{tag} {attrs.get('data-mjx-error') or attrs.get('style') or ''}>")
         if "system-message" in classes or "traceback" in classes or "problematic" in classes:
             self.error_boxes.append(f"<{tag} class={attrs.get('class')!r}>")
         if tag not in self.VOID:
@@ -151,6 +156,7 @@ def test_page_renders_offline(page: Path) -> None:
     visible = " ".join(parsed.text)
     raw = RAW_MATH.findall(visible)
     assert not raw, f"{page}: unrendered math in the visible text: {raw[:5]}"
+    assert not parsed.math_errors, f"{page}: MathJax could not typeset some math: {parsed.math_errors[:5]}"
 
     assert not parsed.error_boxes, f"{page}: error boxes in the page: {parsed.error_boxes[:5]}"
 
@@ -198,4 +204,26 @@ def test_live_code_button_starts_a_binder_kernel_in_the_page() -> None:
         assert "mybinder.org" in config.group(1), config.group(1)
         pages += 1
     assert pages >= 20
+
+
+def test_mathjax_errors_are_caught() -> None:
+    """The math-error check can fail: a copy of a built page with a broken formula and an undefined macro."""
+    chromium = _prerequisites()
+    page = HTML / "book" / "ch01_gradient_diversity" / "01_what_is_diversity.html"
+    html = page.read_text(encoding="utf-8")
+    spans = list(re.finditer(r'(<span class="math notranslate nohighlight">)\\\((.*?)\\\)(</span>)', html))
+    assert len(spans) >= 2, "no inline math on the probe page"
+    first, second = spans[0], spans[1]
+    broken = (html[:first.start()] + first.group(1) + r"\(\frac{1}{\)" + first.group(3)
+              + html[first.end():second.start()] + second.group(1) + r"\(\nosuchmacro x\)" + second.group(3)
+              + html[second.end():])
+    probe = page.with_name("_mathjax_probe.html")
+    probe.write_text(broken, encoding="utf-8")
+    try:
+        dom = _render(chromium, probe, "--dump-dom")
+        parsed = _VisibleText()
+        parsed.feed(dom.stdout)
+        assert len(parsed.math_errors) >= 2, f"the broken formulas were not reported: {parsed.math_errors}"
+    finally:
+        probe.unlink()
 
