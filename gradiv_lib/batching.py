@@ -506,7 +506,8 @@ class NoiseScaleBatch(BatchSchedule):
     Every batch gradient :math:`G_B` is observed; each run of ``window`` consecutive batches of the
     full size :math:`B` gives one update of :class:`~gradiv_lib.diversity.TwoBatchNoiseScale` with
     :math:`\\|G_{B}\\|^2` averaged over the run (small batch) and the squared norm of the run's mean
-    gradient (big batch, :math:`kB` samples). A ragged last batch is skipped, and the run restarts at
+    gradient (big batch, :math:`kB` samples), corrected for sampling without replacement from the N
+    training samples (both batches are parts of one shuffled epoch). A ragged last batch is skipped, and the run restarts at
     every epoch. Every ``resize_every`` epochs
 
     .. math:: B \\leftarrow \\operatorname{clamp}\\big(\\max(\\lfloor\\delta\\hat{\\mathcal B}_{\\text{simple}}\\rfloor, B), B_{\\min}, B_{\\max}\\big).
@@ -545,6 +546,13 @@ class NoiseScaleBatch(BatchSchedule):
         self.estimator = TwoBatchNoiseScale(beta=beta)
         self.estimates: list[tuple[int, float]] = []
         self._reset_window()
+
+    def bind(self, n_samples: int) -> NoiseScaleBatch:
+        """Attach N; the estimator then corrects for batches drawn without replacement from the N samples
+        (:class:`~gradiv_lib.diversity.TwoBatchNoiseScale` with ``population_size=N``)."""
+        super().bind(n_samples)
+        self.estimator.population_size = self.n_samples
+        return self
 
     def _reset_window(self) -> None:
         self._sum: Tensor | None = None
@@ -594,13 +602,13 @@ class NoiseScaleBatch(BatchSchedule):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["estimator"] = {k: v for k, v in vars(self.estimator).items() if isinstance(v, (int, float))}
+        state["estimator"] = self.estimator.state_dict()
         state["estimates"] = [list(e) for e in self.estimates]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.estimator.__dict__.update(state["estimator"])
+        self.estimator.load_state_dict(state["estimator"])
         self.estimates = [(int(e), float(v)) for e, v in state["estimates"]]
         self._reset_window()
 

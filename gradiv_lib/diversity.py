@@ -26,7 +26,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,19 @@ def _positive_int(value: int, name: str) -> int:
 def _check_reduction(reduction: str, name: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name} must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def finite_population_factor(batch_size: int, population_size: int | None) -> float:
+    r""":math:`c_B` in :math:`\mathbb E\|G_B\|^2 = |G|^2 + \operatorname{tr}\Sigma\, c_B` for the mean gradient of B
+    samples: :math:`1/B` with replacement (``population_size=None``), :math:`\frac{P-B}{B(P-1)}` without
+    replacement from :math:`P` samples (every batch of a shuffled epoch), 0 when the batch is all of them."""
+    batch = _positive_int(batch_size, "batch_size")
+    if population_size is None:
+        return 1.0 / batch
+    population = _positive_int(population_size, "population_size")
+    if batch > population:
+        raise ValueError(f"batch_size must be in [1, population_size={population}] without replacement, got {batch}")
+    return 0.0 if population == 1 else (population - batch) / (batch * (population - 1))
 
 
 @dataclass(frozen=True)
@@ -115,13 +128,30 @@ class DiversityResult:
 
     @property
     def noise_scale_unbiased(self) -> float:
-        """:math:`(nQ - N)/(N - Q)`: the two-batch estimator with :math:`B_{\\text{small}} = 1`,
-        :math:`B_{\\text{big}} = n`, i.e. the n samples seen as an i.i.d. draw from a larger population
-        (ratio of the unbiased estimates of :math:`\\operatorname{tr}\\Sigma` and :math:`|G|^2`).
-        Negative denominators (noise-dominated batches, :math:`\\Delta > 1`) give ``inf``."""
+        r""":math:`(nQ - N)/(N - Q)`: :meth:`noise_scale_estimate` for a batch drawn **with replacement** (or
+        from an infinite population). For a batch of a shuffled epoch of a finite training set use
+        ``noise_scale_estimate(population_size=len(train))``. Negative denominators give ``inf``."""
+        return self.noise_scale_estimate()
+
+    def noise_scale_estimate(self, population_size: int | None = None) -> float:
+        r""":math:`\mathcal B_{\text{simple}}` of the population the n samples were drawn from: the two-batch
+        estimator with :math:`B_{\text{small}} = 1` (each sample) and :math:`B_{\text{big}} = n` (their mean).
+
+        Drawn without replacement from ``population_size`` = :math:`P` samples (a batch of a shuffled epoch),
+        :math:`\mathbb E\|G_B\|^2 = |G|^2 + \operatorname{tr}\Sigma\,c_B` with
+        :math:`c_B = \frac{P-B}{B(P-1)}` (:math:`c_1 = 1`), and the unbiased estimates of
+        :math:`\operatorname{tr}\Sigma` and :math:`|G|^2` give
+
+        .. math:: \hat{\mathcal B}_{\text{simple}} = \frac{nQ - N}{N - n\,c_n\,Q},
+
+        which is :math:`(nQ-N)/(N-Q)` with replacement (:math:`c_n = 1/n`, ``population_size=None``) and the
+        exact :math:`nQ/N - 1 = B_S - 1` when the batch is the whole population (:math:`c_n = 0`).
+        ``inf`` when the denominator is not positive (a noise-dominated batch).
+        """
         if self.n < 2:
-            raise ValueError(f"noise_scale_unbiased needs n >= 2 samples, got n = {self.n}")
-        signal = self.sq_norm_of_sum - self.sum_sq_norms
+            raise ValueError(f"a noise-scale estimate needs n >= 2 samples, got n = {self.n}")
+        c_n = 1.0 / self.n if population_size is None else finite_population_factor(self.n, population_size)
+        signal = self.sq_norm_of_sum - self.n * c_n * self.sum_sq_norms
         noise = self.n * self.sum_sq_norms - self.sq_norm_of_sum
         return noise / signal if signal > 0 else math.inf
 
@@ -206,14 +236,7 @@ def expected_minibatch_sq_norm(mean_grad_sq_norm: float, b_simple: float, batch_
     """
     mean_sq = _finite_non_negative(mean_grad_sq_norm, "mean_grad_sq_norm")
     noise = _finite_non_negative(b_simple, "b_simple")
-    batch = _positive_int(batch_size, "batch_size")
-    if population_size is None:
-        return mean_sq * (1.0 + noise / batch)
-    population = _positive_int(population_size, "population_size")
-    if batch > population:
-        raise ValueError(f"batch_size must be in [1, population_size={population}] without replacement, got {batch}")
-    shrink = 0.0 if population == 1 else (population - batch) / (population - 1)
-    return mean_sq * (1.0 + noise / batch * shrink)
+    return mean_sq * (1.0 + noise * finite_population_factor(batch_size, population_size))
 
 
 def _flat_vector(grad: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -225,56 +248,89 @@ def _flat_vector(grad: Tensor | Sequence[Tensor], name: str) -> Tensor:
 
 
 class TwoBatchNoiseScale:
-    """McCandlish's unbiased two-batch estimator of :math:`\\mathcal B_{\\text{simple}}`, smoothed.
+    r"""McCandlish's two-batch estimator of :math:`\mathcal B_{\text{simple}}`, smoothed, for the sampling the
+    training loop actually does.
 
-    From the squared norms of batch-*mean* gradients at two batch sizes
-    :math:`B_s < B_b`, using :math:`\\mathbb E\\|G_B\\|^2 = |G|^2 + \\operatorname{tr}\\Sigma / B`:
+    From the squared norms of batch-*mean* gradients at two batch sizes :math:`B_s < B_b`, using
+    :math:`\mathbb E\|G_B\|^2 = |G|^2 + \operatorname{tr}\Sigma\,c_B` with :math:`c_B` of
+    :func:`finite_population_factor` (:math:`1/B` with replacement; :math:`\frac{P-B}{B(P-1)}` for batches of a
+    shuffled epoch of :math:`P` samples):
 
     .. math::
 
-        \\widehat{|G|^2} = \\frac{B_b\\|G_{B_b}\\|^2 - B_s\\|G_{B_s}\\|^2}{B_b - B_s}, \\qquad
-        \\widehat{\\operatorname{tr}\\Sigma} = \\frac{\\|G_{B_s}\\|^2 - \\|G_{B_b}\\|^2}{1/B_s - 1/B_b},
+        \widehat{|G|^2} = \frac{c_s\|G_{B_b}\|^2 - c_b\|G_{B_s}\|^2}{c_s - c_b}, \qquad
+        \widehat{\operatorname{tr}\Sigma} = \frac{\|G_{B_s}\|^2 - \|G_{B_b}\|^2}{c_s - c_b},
 
-    both unbiased. They are smoothed by *separate* exponential moving averages (with bias correction)
-    and only then divided, :math:`\\mathcal B_{\\text{simple}} = \\overline{\\operatorname{tr}\\Sigma} /
-    \\overline{|G|^2}` (a ratio of averages: biased but stable, unlike an average of ratios).
+    both unbiased (with :math:`c_B = 1/B` these are McCandlish's formulas). Without the correction, batches of a
+    finite training set make :math:`\widehat{|G|^2}` too small and the estimate of :math:`\mathcal B_{\text{simple}}`
+    too large, without bound as :math:`\mathcal B_{\text{simple}}` approaches :math:`P` and negative beyond. The two
+    are smoothed by *separate* exponential moving averages (with bias correction) and only then divided,
+    :math:`\mathcal B_{\text{simple}} = \overline{\operatorname{tr}\Sigma} / \overline{|G|^2}` (a ratio of averages:
+    biased but stable, unlike an average of ratios).
 
     Parameters
     ----------
     beta
         EMA decay in [0, 1); 0 keeps only the last update.
+    population_size
+        :math:`P`, the number of training samples when batches are disjoint parts of shuffled epochs (what
+        :func:`gradiv_lib.train` does); ``None`` for batches drawn with replacement.
     """
 
-    def __init__(self, beta: float = 0.99) -> None:
+    def __init__(self, beta: float = 0.99, *, population_size: int | None = None) -> None:
         if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        if population_size is not None:
+            population_size = _positive_int(population_size, "population_size")
         self.beta = float(beta)
+        self.population_size = population_size
         self._ema_grad_sq_norm = 0.0
         self._ema_trace_covariance = 0.0
         self.updates = 0
 
     def update(self, small_grad_sq_norm: float | Tensor, big_grad_sq_norm: float | Tensor, b_small: float, b_big: float) -> tuple[float, float]:
-        """Add one pair of measurements; returns this update's unbiased :math:`(\\widehat{|G|^2}, \\widehat{\\operatorname{tr}\\Sigma})`.
+        r"""Add one pair of measurements; returns this update's unbiased :math:`(\widehat{|G|^2}, \widehat{\operatorname{tr}\Sigma})`.
 
         Parameters
         ----------
         small_grad_sq_norm, big_grad_sq_norm
-            :math:`\\|G_{B_s}\\|^2` and :math:`\\|G_{B_b}\\|^2` of batch-mean gradients (an average of
+            :math:`\|G_{B_s}\|^2` and :math:`\|G_{B_b}\|^2` of batch-mean gradients (an average of
             several small-batch values is also unbiased).
         b_small, b_big
-            The batch sizes, :math:`0 < B_s < B_b`.
+            The batch sizes, :math:`0 < B_s < B_b` (integers, at most ``population_size``).
         """
         small = _finite_non_negative(small_grad_sq_norm, "small_grad_sq_norm")
         big = _finite_non_negative(big_grad_sq_norm, "big_grad_sq_norm")
         b_s, b_b = _as_float(b_small, "b_small"), _as_float(b_big, "b_big")
         if not (0 < b_s < b_b and math.isfinite(b_b)):
             raise ValueError(f"need 0 < b_small < b_big, got b_small = {b_small!r}, b_big = {b_big!r}")
-        grad_sq_norm = (b_b * big - b_s * small) / (b_b - b_s)
-        trace_covariance = (small - big) / (1.0 / b_s - 1.0 / b_b)
+        if self.population_size is None:
+            c_s, c_b = 1.0 / b_s, 1.0 / b_b
+        else:
+            if b_s != int(b_s) or b_b != int(b_b):
+                raise ValueError(f"b_small and b_big must be whole numbers of samples with population_size set, "
+                                 f"got {b_small!r} and {b_big!r}")
+            c_s = finite_population_factor(int(b_s), self.population_size)
+            c_b = finite_population_factor(int(b_b), self.population_size)
+        grad_sq_norm = (c_s * big - c_b * small) / (c_s - c_b)
+        trace_covariance = (small - big) / (c_s - c_b)
         self._ema_grad_sq_norm = self.beta * self._ema_grad_sq_norm + (1.0 - self.beta) * grad_sq_norm
         self._ema_trace_covariance = self.beta * self._ema_trace_covariance + (1.0 - self.beta) * trace_covariance
         self.updates += 1
         return grad_sq_norm, trace_covariance
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the EMAs, the update count and the settings."""
+        return {"beta": self.beta, "population_size": self.population_size, "updates": self.updates,
+                "ema_grad_sq_norm": self._ema_grad_sq_norm, "ema_trace_covariance": self._ema_trace_covariance}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (also the attribute dict older checkpoints stored)."""
+        state = {key.lstrip("_"): value for key, value in state.items()}
+        self.beta, self.updates = float(state["beta"]), int(state["updates"])
+        self.population_size = state.get("population_size", self.population_size)
+        self._ema_grad_sq_norm = float(state["ema_grad_sq_norm"])
+        self._ema_trace_covariance = float(state["ema_trace_covariance"])
 
     def update_from_grads(self, microbatch_grads: Sequence[Tensor | Sequence[Tensor]], microbatch_size: int, *, reduction: Reduction = "mean") -> tuple[float, float]:
         """Update from k >= 2 gradients of equal-size micro-batches (or workers) of the same step.

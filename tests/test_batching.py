@@ -179,7 +179,7 @@ def test_divebatch_observe_needs_measurements():
 def test_noise_scale_rule_matches_two_batch_estimator():
     gen = torch.Generator().manual_seed(1)
     s = NoiseScaleBatch(4, 256, delta=0.5, resize_every=1, window=3, beta=0.5).bind(1000)
-    ref = TwoBatchNoiseScale(beta=0.5)
+    ref = TwoBatchNoiseScale(beta=0.5, population_size=1000)   # the schedule corrects for its N = 1000
     s.begin_epoch(0)
     batches = [torch.randn(4, 5, generator=gen, dtype=torch.float64) + 1.0 for _ in range(7)]
     batches.append(torch.randn(2, 5, generator=gen, dtype=torch.float64))  # ragged: skipped

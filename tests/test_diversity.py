@@ -76,7 +76,7 @@ def test_result_edge_cases_and_validation() -> None:
         DiversityResult(-1.0, 1.0, 2)
     with pytest.raises(ValueError, match=r"sq_norm_of_sum must be finite and >= 0, got nan"):
         DiversityResult(1.0, float("nan"), 2)
-    with pytest.raises(ValueError, match=r"noise_scale_unbiased needs n >= 2 samples, got n = 1"):
+    with pytest.raises(ValueError, match=r"a noise-scale estimate needs n >= 2 samples, got n = 1"):
         DiversityResult(1.0, 1.0, 1).noise_scale_unbiased
 
 
