@@ -73,12 +73,17 @@ class LayerRule:
     save
         ``(module, input, output) -> saved``, run in the forward pass: what the backward rule needs
         (the detached input by default).
+    leading_dims
+        ``(module, grad_output) -> k`` for layers that act on the last axes only (Linear, Embedding,
+        LayerNorm): the batch may be on any of the first ``k`` axes and is moved to axis 0 before the
+        rule runs. ``None``: the batch must be on axis 0 (convolutions, GroupNorm, BatchNorm).
     """
 
     sq_norms: Callable[[nn.Module, Any, Tensor, SequenceStrategy], Tensor]
     per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]]
     batched_input_dim: int
     save: Callable[[nn.Module, Tensor, Tensor], Any] = _save_input
+    leading_dims: Callable[[nn.Module, Tensor], int] | None = None
 
 
 def _trainable(param: Tensor | None) -> bool:
@@ -411,16 +416,38 @@ def _sq_norms_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, 
     return sq_norms
 
 
-def _rule_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]], batched_input_dim: int, **save: Callable[[nn.Module, Tensor, Tensor], Any]) -> LayerRule:
-    return LayerRule(_sq_norms_from_per_sample_grads(per_sample_grads), per_sample_grads, batched_input_dim, **save)
+def _rule_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]], batched_input_dim: int, **options: Any) -> LayerRule:
+    return LayerRule(_sq_norms_from_per_sample_grads(per_sample_grads), per_sample_grads, batched_input_dim, **options)
+
+
+def summed_grads(rule: LayerRule, module: nn.Module, saved: Any, g: Tensor) -> dict[str, Tensor]:
+    """:math:`\\sum_i \\nabla \\ell_i` as the rule sees it (for the engine's gradient-sum check), from
+    its per-sample gradients in batch chunks so no temporary exceeds ``_CHUNK_ELEMENTS``."""
+    if not isinstance(saved, Tensor):
+        return {name: grad.sum(0) for name, grad in rule.per_sample_grads(module, saved, g).items()}
+    per_sample = sum(p.numel() for p in module.parameters(recurse=False))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    totals: dict[str, Tensor] = {}
+    for start in range(0, g.shape[0], chunk):
+        for name, grad in rule.per_sample_grads(module, saved[start : start + chunk], g[start : start + chunk]).items():
+            totals[name] = grad.sum(0) if name not in totals else totals[name] + grad.sum(0)
+    return totals
+
+
+def _all_but_last(module: nn.Module, g: Tensor) -> int:
+    return g.dim() - 1
+
+
+def _before_normalized(module: nn.Module, g: Tensor) -> int:
+    return g.dim() - len(module.normalized_shape)
 
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2),
+    nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2, leading_dims=_all_but_last),
     nn.Conv1d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 3),
     nn.Conv2d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 4),
-    nn.Embedding: LayerRule(_embedding_sq_norms, _embedding_per_sample_grads, 1),
-    nn.LayerNorm: _rule_from_per_sample_grads(_layer_norm_per_sample_grads, 2),
+    nn.Embedding: LayerRule(_embedding_sq_norms, _embedding_per_sample_grads, 1, leading_dims=_all_but_last),
+    nn.LayerNorm: _rule_from_per_sample_grads(_layer_norm_per_sample_grads, 2, leading_dims=_before_normalized),
     nn.GroupNorm: _rule_from_per_sample_grads(_group_norm_per_sample_grads, 2, save=_save_group_norm),
     nn.BatchNorm1d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 2),
     nn.BatchNorm2d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 4),
