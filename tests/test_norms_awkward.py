@@ -24,6 +24,15 @@ def _quiet() -> None:
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def check(model: nn.Module, x: Tensor, y: Tensor, *, loop: bool = False, reduction: str = "mean", **options: object) -> None:
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
     got, _, _ = per_sample_sq_norms_and_grad_sum(model, loss_fn, x, y, **options)
@@ -230,3 +239,20 @@ def test_probe_and_gradient_check_run_on_the_first_call_only() -> None:
     with engine:
         criterion(model(torch.randn(B, B, 3, dtype=torch.float64)), classes()).backward()
     assert len(calls) == 6 + 2 and engine._verify
+
+
+# --- declared loss reduction ---------------------------------------------------------------------------------
+
+
+def test_meter_warns_when_a_summed_cross_entropy_is_declared_a_mean() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with DiversityMeter(model, loss_reduction="mean") as meter:
+            nn.CrossEntropyLoss()(model(x), y).backward()
+        meter.result  # a true mean: no warning
+    with DiversityMeter(model, loss_reduction="mean") as meter:
+        nn.CrossEntropyLoss(reduction="sum")(model(x), y).backward()
+    with pytest.warns(UserWarning, match=r"loss is probably a sum over samples .* declare loss_reduction='sum'"):
+        meter.result

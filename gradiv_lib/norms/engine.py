@@ -40,7 +40,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from gradiv_lib.norms import batch_axes
 from gradiv_lib.norms.batch_axes import MIXED, Layout
