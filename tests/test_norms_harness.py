@@ -114,6 +114,27 @@ class NonContiguous(nn.Module):
         return self.head(out.reshape(out.shape[0], -1))
 
 
+class CrossAttention(nn.Module):
+    """Cross-attention with kdim/vdim != embed_dim (separate projection weights), called ``calls``
+    times (twice: a shared layer, materialised), optionally feeding its attention weights onward
+    (then the exact torch.func fallback handles it)."""
+
+    def __init__(self, calls: int = 1, use_weights: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, kdim=3, vdim=5, bias=bias, batch_first=True)
+        self.memory = nn.Linear(3, 8)
+        self.calls, self.use_weights = calls, use_weights
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        memory = self.memory(x[:, :, :3])
+        h = x[:, :, :4]
+        for _ in range(self.calls):
+            h, weights = self.attention(h, memory[:, :, :3], memory[:, :, 3:], need_weights=self.use_weights)
+        features = [h.flatten(1)] + ([weights.flatten(1)] if self.use_weights else [])
+        return self.head(torch.cat(features, 1))
+
+
 class TiedLM(nn.Module):
     """Embedding whose matrix is also the output layer (tied through a module: supported)."""
 
@@ -193,6 +214,9 @@ CASES = [
     Case("gru_bidirectional_seq_first", lambda: Head(nn.GRU(3, 2, bidirectional=True), seq_first=True), _floats(B, 3), loop_reference=True),
     Case("mha_batch_first", lambda: Head(nn.MultiheadAttention(4, 2, batch_first=True), attention=True), _floats(5, 4)),
     Case("mha_seq_first_T_eq_B", lambda: Head(nn.MultiheadAttention(4, 2), seq_first=True, attention=True), _floats(B, 4)),
+    Case("mha_cross_kdim_vdim_no_bias", lambda: CrossAttention(bias=False), _floats(5, 4), strategies=SEQ),
+    Case("mha_called_twice", lambda: CrossAttention(calls=2), _floats(5, 4)),
+    Case("mha_weights_used", lambda: CrossAttention(use_weights=True), _floats(5, 4)),
     Case("transformer_encoder_layer", lambda: Head(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)), _floats(5, 4)),
     Case("transformer_encoder_layer_seq_first_norm_first", lambda: Head(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, norm_first=True), seq_first=True), _floats(B, 4)),
     Case("tied_embedding_head", TiedLM, _ids(7, 5), classes=7, strategies=SEQ),
@@ -359,6 +383,21 @@ def test_conv_transpose_on_random_geometry(dims: int, kernel: int, stride: int, 
         warnings.simplefilter("ignore", UserWarning)
         got, _, _ = per_sample_sq_norms_and_grad_sum(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
     assert_norms_close(got, reference_sq_norms(model, nn.CrossEntropyLoss(reduction="sum"), x, y), 1e-6)
+
+
+def test_attention_uses_the_batched_rule_unless_its_weights_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradiv_lib.norms import rules_attention
+
+    calls = []
+    original = rules_attention.attention_grads
+    monkeypatch.setattr(rules_attention, "attention_grads", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for use_weights, expected in ((False, 1), (True, 0)):
+        calls.clear()
+        model = CrossAttention(use_weights=use_weights).double()
+        x = torch.randn(B, 5, 4, dtype=torch.float64)
+        model(x)
+        per_sample_sq_norms_and_grad_sum(model, nn.CrossEntropyLoss(), x, torch.randint(0, 3, (B,)))
+        assert len(calls) == expected
 
 
 # --- the timing race itself ------------------------------------------------------------------------------

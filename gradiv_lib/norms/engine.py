@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from gradiv_lib.norms import batch_axes
+from gradiv_lib.norms import batch_axes, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
 from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
@@ -391,7 +391,8 @@ class PerSampleNormEngine:
         for index in indices:
             self._check_batch(layer, leaves[index])
         call = self._call_index(layer)
-        warn_fallback_once(module, layer.path)
+        if not rules_attention.supports(module, args, kwargs):
+            warn_fallback_once(module, layer.path)
         saved = _SavedOnce(tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)))
         hook = partial(self._on_fallback_output_grads, layer, self._root, call, saved, indices, len(leaves))
         torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in indices], hook, mode="all")
@@ -502,6 +503,9 @@ class PerSampleNormEngine:
         out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
         in_axes, out_axes = self._fallback_axes(layer, root, index, in_leaves, out_grads, n_out)
         self._low_precision |= any(g.dtype in _HALF for g in out_grads.values())
+        if set(out_grads) == {0} and None not in in_axes[:3] and rules_attention.supports(layer.module, args, kwargs):
+            self._attention_rule(layer, args[:3], in_axes[:3], out_grads[0].movedim(out_axes[0], 0))
+            return
         self._paused = True
         try:
             per_sample = fallback_per_sample_grads(
@@ -517,6 +521,21 @@ class PerSampleNormEngine:
                     self._add_sq_norms(g.reshape(g.shape[0], -1).square().sum(1))
                 if self._verify:
                     self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()})
+        self._covered |= layer.param_ids
+
+    def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor) -> None:
+        """nn.MultiheadAttention by one batched recomputation (``rules_attention.py``)."""
+        materialize = self._materializes(layer)
+        batch_first = tuple(t.movedim(axis, 0) for t, axis in zip(inputs, axes))
+        sq_norms, per_sample, sums = rules_attention.attention_grads(
+            layer.module, set(layer.params), batch_first, delta, self._strategy, materialize, self._verify and not materialize
+        )
+        with torch.no_grad():
+            if materialize:
+                self._add_per_sample_grads(layer, per_sample)
+            else:
+                self._add_sq_norms(sq_norms)
+                self._add_grad_sums(layer, sums)
         self._covered |= layer.param_ids
 
     def _add_sq_norms(self, sq_norms: Tensor) -> None:
