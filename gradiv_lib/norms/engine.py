@@ -299,9 +299,11 @@ class PerSampleNormEngine:
         rolled_args, rolled_kwargs = batch_axes.rolled_inputs(args, kwargs, self._batch_size)
         modes = [(m, m.training) for m in self._model.modules()]
         devices = batch_axes.cuda_devices((args, kwargs))
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         runs = []
         try:
             self._model.eval()
+            torch.backends.mha.set_fastpath_enabled(False)  # the fused eval path skips the submodules' hooks
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
                 for call_args, call_kwargs in ((args, kwargs), (rolled_args, rolled_kwargs)):
@@ -311,8 +313,15 @@ class PerSampleNormEngine:
                     self._probe_run = {}
                     self._model(*call_args, **call_kwargs)
                     runs.append(self._probe_run)
+        except Exception as error:
+            raise ValueError(
+                f"the batch-axis probe (two forward passes of {type(self._model).__qualname__} in eval mode without "
+                f"autograd, on the batch and on the batch rolled by one sample) failed: {error}. Pass check='off' to "
+                "skip it (batch axes are then read from shapes, and ambiguous shapes are refused)."
+            ) from error
         finally:
             self._probe_run = None
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, mode in modes:
                 m.training = mode
         layout = Layout()

@@ -423,6 +423,17 @@ def _rule_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tens
 def summed_grads(rule: LayerRule, module: nn.Module, saved: Any, g: Tensor) -> dict[str, Tensor]:
     """:math:`\\sum_i \\nabla \\ell_i` as the rule sees it (for the engine's gradient-sum check), from
     its per-sample gradients in batch chunks so no temporary exceeds ``_CHUNK_ELEMENTS``."""
+    if type(module) is nn.Linear:  # Σ_i δ_iᵀ a_i is one GEMM over all rows
+        a, d = _working_precision(saved), _working_precision(g)
+        a, d = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+        sums = {"weight": d.T @ a, "bias": d.sum(0)}
+        return {name: sums[name] for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if type(module) is nn.Embedding:  # rows of δ added at their token ids
+        if not _trainable(module.weight):
+            return {}
+        keys, rows = _embedding_rows(module, saved, g)
+        ids = torch.remainder(keys, module.num_embeddings)
+        return {"weight": rows.new_zeros(module.weight.shape).index_add_(0, ids, rows)}
     if not isinstance(saved, Tensor):
         return {name: grad.sum(0) for name, grad in rule.per_sample_grads(module, saved, g).items()}
     per_sample = sum(p.numel() for p in module.parameters(recurse=False))
