@@ -8,7 +8,8 @@ Devices: ``cpu`` and, when available, ``cuda``; the environment variable ``GRADI
 Stated tolerances (relative to the largest per-sample squared norm of the batch, against a float64
 reference on the same, rounded, weights and inputs):
 
-* float64: 1e-6;  float32: 1e-4;
+* float64: 1e-6;  float32: 1e-4 (TF32 off);  float32 with TF32 allowed (CUDA only, PyTorch's cuDNN
+  default): 1e-2;
 * bfloat16 and float16 models, and ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA): 5e-2 —
   the forward pass itself is rounded to 8 (bf16) or 11 (fp16) significant bits, so the per-sample
   gradients differ from the float64 ones by about that much whatever computes the norms.
@@ -31,7 +32,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradiv_lib.norms import fastest, per_sample_sq_norms_and_grad_sum, rules
 
-TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2, "autocast": 5e-2}
+TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "tf32": 1e-2, "bfloat16": 5e-2, "float16": 5e-2, "autocast": 5e-2}
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,7 +47,7 @@ def precisions(device: str) -> list[str]:
     """float64 and float32 everywhere; half precision and autocast: bfloat16 on CPU, both on CUDA."""
     if device == "cpu":
         return ["float64", "float32", "bfloat16", "autocast"]
-    return ["float64", "float32", "bfloat16", "float16", "autocast"]
+    return ["float64", "float32", "tf32", "bfloat16", "float16", "autocast"]
 
 
 def autocast_dtype(device: str) -> torch.dtype:
@@ -242,7 +243,7 @@ def _build(case: Case, device: str, precision: str) -> nn.Module:
         model(case.inputs(B))  # materialise lazy layers
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # norm layers start at γ = 1, β = 0: make them generic
-    dtype = HALF.get(precision, torch.float64 if precision == "float64" else torch.float32)
+    dtype = HALF.get(precision, torch.float64 if precision == "float64" else torch.float32)  # tf32: float32
     return model.to(device=device, dtype=dtype)
 
 
@@ -255,6 +256,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def tf32(precision: str):
+    """TF32 only where the precision asks for it (CUDA); restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: threads only add contention on a shared machine."""
@@ -265,7 +275,7 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("case,device,precision,strategy", _configurations())
-def test_layer_against_torch_func(case: Case, device: str, precision: str, strategy: str) -> None:
+def test_layer_against_torch_func(case: Case, device: str, precision: str, strategy: str, tf32: None) -> None:
     """Three calls (reductions mean, sum, mean; fresh data each), so the call that picks a timing
     winner and the calls that reuse it are all checked."""
     model = _build(case, device, precision)
