@@ -208,6 +208,7 @@ CASES = [
     Case("layer_norm_seq_first", lambda: Head(nn.LayerNorm(5), seq_first=True), _floats(B, 5)),
     Case("group_norm", lambda: Head(nn.GroupNorm(2, 4)), _floats(4, 3, 3)),
     Case("instance_norm_affine", lambda: Head(nn.InstanceNorm2d(3, affine=True)), _floats(3, 4, 4)),
+    Case("instance_norm3d_eval_running_stats", lambda: Head(nn.InstanceNorm3d(2, affine=True, track_running_stats=True)).eval(), _floats(2, 3, 3, 2)),
     Case("instance_norm_running_stats", lambda: Head(nn.InstanceNorm1d(3, affine=True, track_running_stats=True)), _floats(3, 5), loop_reference=True),
     Case("rnn_batch_first", lambda: Head(nn.RNN(3, 4, batch_first=True)), _floats(B, 3), loop_reference=True),
     Case("lstm_batch_first_2_layers", lambda: Head(nn.LSTM(3, 4, num_layers=2, batch_first=True)), _floats(B, 3), loop_reference=True),
