@@ -296,47 +296,11 @@ class PerSampleNormEngine:
 
     def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
         """Run the model on the batch and on the batch rolled by one sample (``batch_axes.py``)."""
-        rolled_args, rolled_kwargs = batch_axes.rolled_inputs(args, kwargs, self._batch_size)
-        modes = [(m, m.training) for m in self._model.modules()]
-        devices = batch_axes.cuda_devices((args, kwargs))
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        runs = []
-        try:
-            self._model.eval()
-            torch.backends.mha.set_fastpath_enabled(False)  # the fused eval path skips the submodules' hooks
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-                for call_args, call_kwargs in ((args, kwargs), (rolled_args, rolled_kwargs)):
-                    torch.set_rng_state(states[0])
-                    for d, state in zip(devices, states[1]):
-                        torch.cuda.set_rng_state(state, d)
-                    self._probe_run = {}
-                    self._model(*call_args, **call_kwargs)
-                    runs.append(self._probe_run)
-        except Exception as error:
-            raise ValueError(
-                f"the batch-axis probe (two forward passes of {type(self._model).__qualname__} in eval mode without "
-                f"autograd, on the batch and on the batch rolled by one sample) failed: {error}. Pass check='off' to "
-                "skip it (batch axes are then read from shapes, and ambiguous shapes are refused)."
-            ) from error
-        finally:
-            self._probe_run = None
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for m, mode in modes:
-                m.training = mode
-        layout = Layout()
-        first, rolled = runs
-        for path, calls in first.items():
-            other = rolled.get(path, [])
-            if len(other) != len(calls):  # control flow depends on the data: such calls stay unresolved
-                continue
-            for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls, other)):
-                if len(in1) == len(in2) and len(out1) == len(out2):
-                    layout.axes[(path, index)] = (
-                        tuple(batch_axes.resolve(a, b) for a, b in zip(in1, in2)),
-                        tuple(batch_axes.resolve(a, b) for a, b in zip(out1, out2)),
-                    )
-        return layout
+
+        def set_run(run: dict[str, list[tuple[list[Any], list[Any]]]] | None) -> None:
+            self._probe_run = run
+
+        return batch_axes.probe(self._model, args, kwargs, self._batch_size, set_run)
 
     def _probe_record(self, layer: _Layer, inputs: list[Any], outputs: list[Any]) -> None:
         prints = [batch_axes.fingerprint(t, self._batch_size) for t in inputs], [batch_axes.fingerprint(t, self._batch_size) for t in outputs]
