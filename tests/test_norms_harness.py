@@ -329,9 +329,10 @@ def conv_geometry(draw: st.DrawFn) -> dict:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=conv_geometry(), seed=st.integers(0, 2**16))
-def test_every_conv_method_on_random_geometry(config: dict, seed: int) -> None:
-    """Each conv method the "auto" race may pick equals the per-sample loop; so does the engine."""
+@given(config=conv_geometry(), seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_every_conv_method_on_random_geometry(config: dict, seed: int, dtype: torch.dtype) -> None:
+    """Each conv method the "auto" race may pick equals the per-sample loop (float64, 1e-9); so does the
+    engine, in float64 and float32."""
     torch.manual_seed(seed)
     dims, batch, size = config.pop("dims"), config.pop("batch"), config.pop("size")
     conv = (nn.Conv2d if dims == 2 else nn.Conv1d)(**config).double()
@@ -345,8 +346,10 @@ def test_every_conv_method_on_random_geometry(config: dict, seed: int) -> None:
         assert_norms_close(method(conv, x, g), expected, 1e-9, name)
     model = nn.Sequential(conv, nn.Flatten())
     y = torch.randn(batch, out[0].numel(), dtype=torch.float64)
+    model, x, y = model.to(dtype), x.to(dtype), y.to(dtype)
+    expected = reference_sq_norms(_reference_model(model), nn.MSELoss(reduction="sum"), x.double(), y.double())
     got, _, _ = per_sample_sq_norms_and_grad_sum(model, nn.MSELoss(reduction="sum"), x, y)
-    assert_norms_close(got, reference_sq_norms(model, nn.MSELoss(reduction="sum"), x, y), 1e-6, "engine")
+    assert_norms_close(got, expected, TOLERANCE["float64" if dtype == torch.float64 else "float32"], "engine")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
