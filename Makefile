@@ -16,13 +16,14 @@ EXECUTED := _build/executed
 NB_WORKERS ?= 2
 
 
-.PHONY: help install book test unit notebooks build-book check-book browser reader-path benchmarks clean distclean
+.PHONY: help install book test unit notebooks build-book check-book browser reader-path benchmarks gpu-check clean distclean
 
 help:
 	@echo "make book       build the HTML book into _build/html (installs everything into .venv first)"
 	@echo "make test       unit tests + nbval over every notebook + strict book build + browser check"
 	@echo "make reader-path  a fresh venv with torch + gradiv_lib[book] (what a Colab set-up cell installs) runs notebooks"
 	@echo "make benchmarks run benchmarks/ and print the side-by-side ratios"
+	@echo "make gpu-check  on a CUDA machine: norms harness in every dtype, train/simulator on CUDA, per-sample-norm benchmarks (JSON in gpu_check/)"
 	@echo "make clean      remove _build (keeps .venv); make distclean also removes .venv"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -78,6 +79,11 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_norms.py
 	$(BIN)/python benchmarks/bench_workers.py
 	$(BIN)/python benchmarks/bench_federated.py
+
+# On a CUDA machine (not in CI): the norms harness in every dtype on CUDA, train() and the simulator on CUDA, and the
+# per-sample-norm benchmarks (ResNet-18 at B = 128, a transformer block) with peak memory. --allow-cpu: a smoke run.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check
 
 clean:
 	rm -rf _build

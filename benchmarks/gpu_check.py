@@ -90,7 +90,7 @@ def run_harness(device: torch.device, smoke: bool, timeout: float = 420.0) -> di
 
 
 def run_training(device: torch.device, smoke: bool) -> dict:
-    from gradiv_lib.train import train
+    from gradiv_lib.training import train
 
     n, size = (32, 8) if smoke else (2048, 32)
     generator = torch.Generator().manual_seed(0)
