@@ -4,7 +4,7 @@ Derived in chapter 2 of the book (book/ch02_computing_fast).
 
 1. the norms harness (``tests/test_norms_harness.py``) on CUDA in every dtype it lists (float64,
    float32, bfloat16, float16, autocast), each case against ``torch.func``;
-2. a short :func:`gradiv_lib.train.train` run with ``measure_diversity=True`` and a few steps of the
+2. a short :func:`gradiv_lib.train` run with ``measure_diversity=True`` and a few steps of the
    stacked worker simulator (:class:`gradiv_lib.workers.Simulator`), both on CUDA;
 3. per-sample squared norms for a CIFAR ResNet-18 (``gradiv_lib.models.resnet18_cifar``, GroupNorm
    so per-sample gradients exist in training mode) on CIFAR-shaped synthetic data at B = 128, and for

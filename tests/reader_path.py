@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -91,8 +92,15 @@ def build_venv(venv: Path, extras: list[str]) -> Path:
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in pins().items()))
     pip = [str(python), "-m", "pip", "install", "-q", "-c", str(constraints)]
     run(pip + [f"torch=={pins()['torch']}"] + RUNTIME)           # the Colab runtime
-    spec = f"{ROOT}[{','.join(extras)}]" if extras else str(ROOT)
-    # A real install from the checkout: a wheel built in a temporary copy, as pip does from a URL.
+    # A real install from the checkout, built from a copy of what the package consists of (as pip does from a
+    # URL), so the build leaves nothing in the checkout and cannot see files outside the package.
+    source = venv / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "gradiv_lib", source / "gradiv_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = f"{source}[{','.join(extras)}]" if extras else str(source)
     run(pip + ["--no-cache-dir", "--force-reinstall", "--no-deps", spec])
     run(pip + [spec])                                             # its dependencies, by the extras asked for
     return python
@@ -116,7 +124,7 @@ print(json.dumps({{"missing": missing, "heavy": heavy, "where": where}}))
         raise SystemExit(f"notebooks import modules their set-up cell does not install: {report['missing']}")
     if report["heavy"]:
         raise SystemExit(f"import gradiv_lib imported optional packages: {report['heavy']}")
-    if str(ROOT / "gradiv_lib") in report["where"]:
+    if report["where"].startswith(str(ROOT / "gradiv_lib")):
         raise SystemExit(f"the venv imports gradiv_lib from the checkout ({report['where']}), not from its install")
 
 
