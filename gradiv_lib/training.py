@@ -446,7 +446,11 @@ def train(
         In measurement epochs, batches larger than this are measured in a separate pass in chunks of
         this size (bounds the memory of per-sample norms on large batches; costs one extra forward and
         backward pass per batch). BatchNorm networks in training mode are always measured in such a
-        separate pass, with BatchNorm in eval mode, because batch statistics mix the samples.
+        separate pass, with BatchNorm in eval mode, because batch statistics mix the samples: that pass
+        measures the per-sample gradients of the eval-mode network (running statistics), a different
+        function from the one the training step differentiates. (The DiveBatch authors' BackPACK pass keeps
+        training mode, whose "per-sample" gradients include the batch-statistics coupling and are not the
+        gradients of per-sample losses either.)
     eval_batch_size : int
         Batch size of evaluation passes.
     device : str or torch.device, optional
