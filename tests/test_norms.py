@@ -249,10 +249,10 @@ def test_saved_activations_are_released_when_their_hook_fires() -> None:
     model[0].register_forward_hook(lambda module, args, out: outputs.append(out))
     with DiversityMeter(model):
         loss = nn.CrossEntropyLoss()(model(torch.randn(5, 3)), classes(5, 2))
-        saved = [hook.args[-1] for hook in outputs[0]._backward_hooks.values()]
-        assert saved and all(s._value is not None for s in saved)
+        hooks = list(outputs[0]._backward_hooks.values())
+        assert hooks and all(hook._saved is not None for hook in hooks)
         loss.backward()
-    assert all(s._value is None for s in saved)
+    assert all(hook._saved is None for hook in hooks)
 
 
 # --- parameter sharing, freezing, mixed models -----------------------------------------------------

@@ -44,6 +44,7 @@ class _Layer:
     rule: LayerRule | None = field(repr=False)
     shares_parameters: bool = False
     calls: int = 0
+    covered: bool = False
     param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,10 +55,26 @@ class _Layer:
         return f"'{self.path or '<model>'}' ({type(self.module).__qualname__})"
 
 
+class _OutputGradHook:
+    """The tensor hook on one layer output: forward-pass state for exactly one backward hook call,
+    dropped when used. The hook object lives as long as the autograd graph, and holding activations
+    there would keep them alive until the end of the backward pass instead of letting autograd free
+    them layer by layer. (One small object per layer call: this runs on every training step.)"""
+
+    __slots__ = ("_engine", "_layer", "_saved")
+
+    def __init__(self, engine: PerSampleNormEngine, layer: _Layer, saved: Any) -> None:
+        self._engine, self._layer, self._saved = engine, layer, saved
+
+    def __call__(self, grad_output: Tensor) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            return
+        self._engine._on_rule_output_grad(self._layer, saved, grad_output)
+
+
 class _SavedOnce:
-    """Forward-pass state for exactly one backward hook call, dropped when taken: the hook object
-    lives as long as the autograd graph, and holding activations there would keep them alive until
-    the end of the backward pass instead of letting autograd free them layer by layer."""
+    """Forward-pass state for exactly one backward hook call (the fallback's), dropped when taken."""
 
     __slots__ = ("_value",)
 
@@ -153,6 +170,14 @@ class PerSampleNormEngine:
         self._expected_batch_size = batch_size
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._paused = False
+        # Hooks are bound once here: attach() runs on every measured training step.
+        self._forward_hooks: list[tuple[nn.Module, Any, bool]] = [
+            (layer.module, partial(self._record_fallback_call, layer), True) if layer.rule is None
+            else (layer.module, partial(self._record_rule_call, layer), False)
+            for layer in self._layers
+        ]
+        self._batch_norm_hooks = [(module, partial(self._refuse_batch_statistics, path)) for path, module in self._batch_norms]
+        self._parameter_hooks = [(p, partial(self._record_parameter_grad, id(p))) for p in self._parameters]
         self.reset()
 
     @property
@@ -168,28 +193,22 @@ class PerSampleNormEngine:
     def reset(self) -> None:
         """Forget everything recorded, to measure another forward/backward pass."""
         self._batch_size = self._expected_batch_size
-        self._sq_norms: Tensor | None = None
+        self._sq_norm_parts: list[Tensor] = []
         self._per_sample_grads: dict[int, Tensor] = {}
         self._grad_norms: list[Tensor] = []
         self._grad_counts: Counter[int] = Counter()
-        self._covered: set[int] = set()
         for layer in self._layers:
             layer.calls = 0
+            layer.covered = False
 
     def attach(self) -> PerSampleNormEngine:
         """Register the hooks (idempotent)."""
         if self._handles:
             return self
-        for layer in self._layers:
-            if layer.rule is None:
-                hook = partial(self._record_fallback_call, layer)
-                self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(layer.module.register_forward_hook(partial(self._record_rule_call, layer)))
-        for path, module in self._batch_norms:
-            self._handles.append(module.register_forward_pre_hook(partial(self._refuse_batch_statistics, path)))
-        for p in self._parameters:
-            self._handles.append(p.register_hook(partial(self._record_parameter_grad, id(p))))
+        handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._forward_hooks]
+        handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
+        handles += [p.register_hook(hook) for p, hook in self._parameter_hooks]
+        self._handles = handles
         return self
 
     def detach(self) -> None:
@@ -234,7 +253,8 @@ class PerSampleNormEngine:
             )
 
     def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if not self._recording() or not output.requires_grad:
+        # output.requires_grad is False under no_grad/inference mode, so this also skips evaluation passes
+        if self._paused or not output.requires_grad:
             return
         activation = args[0]
         if activation.dim() < layer.rule.batched_input_dim:
@@ -242,9 +262,10 @@ class PerSampleNormEngine:
                 f"layer {layer.name} was called on an unbatched input of shape {tuple(activation.shape)}; "
                 f"it needs at least {layer.rule.batched_input_dim} dimensions with the batch first"
             )
-        self._check_batch(layer, activation)
+        if activation.shape[0] != self._batch_size:
+            self._check_batch(layer, activation)
         layer.calls += 1
-        output.register_hook(partial(self._on_rule_output_grad, layer, _SavedOnce(layer.rule.save(module, activation, output))))
+        output.register_hook(_OutputGradHook(self, layer, layer.rule.save(module, activation, output)))
 
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not self._recording():
@@ -266,16 +287,15 @@ class PerSampleNormEngine:
     def _materializes(self, layer: _Layer) -> bool:
         return layer.shares_parameters or layer.calls > 1
 
-    def _on_rule_output_grad(self, layer: _Layer, saved_once: _SavedOnce, grad_output: Tensor) -> None:
-        saved = saved_once.take()
-        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
-            return
-        with torch.no_grad():
-            if self._materializes(layer):
-                self._add_per_sample_grads(layer, layer.rule.per_sample_grads(layer.module, saved, grad_output))
-            else:
-                self._add_sq_norms(layer.rule.sq_norms(layer.module, saved, grad_output, self._strategy))
-        self._covered |= layer.param_ids
+    def _on_rule_output_grad(self, layer: _Layer, saved: Any, grad_output: Tensor) -> None:
+        if torch.is_grad_enabled():  # backward(create_graph=True): keep the norms out of the graph
+            with torch.no_grad():
+                return self._on_rule_output_grad(layer, saved, grad_output)
+        if self._materializes(layer):
+            self._add_per_sample_grads(layer, layer.rule.per_sample_grads(layer.module, saved, grad_output))
+        else:
+            self._sq_norm_parts.append(layer.rule.sq_norms(layer.module, saved, grad_output, self._strategy))
+        layer.covered = True
 
     def _on_fallback_output_grads(self, layer: _Layer, saved_once: _SavedOnce, indices: list[int], grads: list[Tensor | None]) -> None:
         saved = saved_once.take()
@@ -292,11 +312,8 @@ class PerSampleNormEngine:
                 self._add_per_sample_grads(layer, per_sample)
             else:
                 for g in per_sample.values():
-                    self._add_sq_norms(g.reshape(g.shape[0], -1).square().sum(1))
-        self._covered |= layer.param_ids
-
-    def _add_sq_norms(self, sq_norms: Tensor) -> None:
-        self._sq_norms = sq_norms if self._sq_norms is None else self._sq_norms + sq_norms
+                    self._sq_norm_parts.append(g.reshape(g.shape[0], -1).square().sum(1))
+        layer.covered = True
 
     def _add_per_sample_grads(self, layer: _Layer, grads: dict[str, Tensor]) -> None:
         for name, g in grads.items():
@@ -323,7 +340,8 @@ class PerSampleNormEngine:
                 f"{passes} backward passes reached the parameters during one measurement; a measurement covers "
                 "exactly one backward pass (start a new one per micro-batch)"
             )
-        missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in self._covered]
+        covered = {pid for layer in self._layers if layer.covered for pid in layer.param_ids}
+        missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in covered]
         if missing:
             raise ValueError(
                 f"parameters {missing} received gradients, but no per-sample rule saw their module run: they are used "
@@ -334,13 +352,17 @@ class PerSampleNormEngine:
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""
         self._check_complete()
-        total = self._sq_norms
-        for g in self._per_sample_grads.values():
-            part = g.reshape(g.shape[0], -1).square().sum(1)
-            total = part if total is None else total + part
+        parts = self._sq_norm_parts + [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
+        if len(parts) == 1:
+            return parts[0]
+        if all(part.dtype == parts[0].dtype for part in parts):
+            return torch.stack(parts).sum(0)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
         return total
 
     def grad_sum_sq_norm(self) -> Tensor:
         """Squared norm of the gradient this backward pass produced (a 0-d float64 tensor)."""
         self._check_complete()
-        return torch.stack(self._grad_norms).double().square().sum()
+        return torch.linalg.vector_norm(torch.stack(self._grad_norms).double()).square()

@@ -16,8 +16,10 @@ before the backward pass are not counted.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from gradiv_lib.diversity import DiversityResult
@@ -94,12 +96,14 @@ class DiversityMeter:
             If gradients are not finite, or some parameter's gradient was produced outside a hooked layer.
         """
         if self._result is None:
-            sq_norms = self.sq_norms
-            sq_norm_of_sum = self._engine.grad_sum_sq_norm() * self._factor(sq_norms.shape[0]) ** 2
-            check_finite_results(sq_norms, sq_norm_of_sum)
-            self._result = DiversityResult(
-                sum_sq_norms=float(sq_norms.double().sum()),
-                sq_norm_of_sum=float(sq_norm_of_sum),
-                n=int(sq_norms.shape[0]),
-            )
+            seen = self._engine.sq_norms()
+            scale = self._factor(seen.shape[0]) ** 2
+            # Python floats straight away (two conversions in all); the squared norms are >= 0, so their
+            # sum is finite exactly when every one of them is, and the per-sample check runs only to name
+            # the offending samples
+            sum_sq_norms = float(seen.sum(dtype=torch.float64)) * scale
+            sq_norm_of_sum = float(self._engine.grad_sum_sq_norm()) * scale
+            if not (math.isfinite(sum_sq_norms) and math.isfinite(sq_norm_of_sum)):
+                check_finite_results(seen, torch.tensor(sq_norm_of_sum, dtype=torch.float64))
+            self._result = DiversityResult(sum_sq_norms=sum_sq_norms, sq_norm_of_sum=sq_norm_of_sum, n=int(seen.shape[0]))
         return self._result

@@ -140,9 +140,15 @@ def _linear_sq_norms(module: nn.Module, a: Tensor, g: Tensor, strategy: Sequence
     a, g = _working_precision(a), _working_precision(g)
     batch = a.shape[0]
     if a.dim() == 2:
-        g_sq = torch.linalg.vecdot(g, g)
-        total = torch.linalg.vecdot(a, a) * g_sq if _trainable(module.weight) else torch.zeros_like(g_sq)
-        return total + g_sq if _trainable(module.bias) else total
+        # ‖δ_i a_iᵀ‖² + ‖δ_i‖² = (‖a_i‖² + 1)‖δ_i‖²: two row-norm reductions (no [B, d] temporary, which
+        # for large layers costs a fresh allocation and page faults on every step) and [B]-sized arithmetic
+        g_sq = torch.linalg.vector_norm(g, dim=1).square_()
+        if not _trainable(module.weight):
+            return g_sq if _trainable(module.bias) else torch.zeros_like(g_sq)
+        total = torch.linalg.vector_norm(a, dim=1).square_()
+        if _trainable(module.bias):
+            total.add_(1.0)
+        return total.mul_(g_sq)
     a = a.reshape(batch, -1, a.shape[-1])
     g = g.reshape(batch, -1, g.shape[-1])
     total = a.new_zeros(batch)
