@@ -644,3 +644,21 @@ def test_conv_property(config: dict) -> None:
     x = torch.randn(batch, config["in_channels"], *([size] * (2 if two_d else 1)), dtype=torch.float64)
     y = torch.randn(batch, model(x).shape[1], dtype=torch.float64)
     check(model, nn.MSELoss(reduction="sum"), x, y, strategy=strategy)
+
+
+@pytest.mark.parametrize("method", ["gram", "im2col", "grouped_conv"])
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), nn.Conv2d(4, 6, 3, dilation=2, padding="same", groups=2), nn.Conv2d(3, 5, 2, padding=1)],
+    ids=["1d-groups", "2d-groups-same", "2d"],
+)
+def test_every_conv_method_includes_a_trainable_bias(method: str, conv: nn.Module) -> None:
+    """The conv methods fold the bias into the same computation (a row of ones / Gram + 1)."""
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    model = nn.Sequential(conv, nn.Flatten())
+    y = torch.randn(5, model(x).shape[1], dtype=torch.float64)
+    expected, _ = reference(model, nn.MSELoss(reduction="sum"), x, y)
+    g = 2 * (conv(x) - y.view_as(conv(x))).detach()
+    compute = {"gram": rules._conv_weight_sq_norms_gram, "im2col": rules._conv_weight_sq_norms_im2col, "grouped_conv": rules._conv_weight_sq_norms_grouped_conv}[method]
+    torch.testing.assert_close(compute(conv, x, g), expected, rtol=1e-6, atol=1e-12)
