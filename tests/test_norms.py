@@ -660,5 +660,5 @@ def test_every_conv_method_includes_a_trainable_bias(method: str, conv: nn.Modul
     y = torch.randn(5, model(x).shape[1], dtype=torch.float64)
     expected, _ = reference(model, nn.MSELoss(reduction="sum"), x, y)
     g = 2 * (conv(x) - y.view_as(conv(x))).detach()
-    compute = {"gram": rules._conv_weight_sq_norms_gram, "im2col": rules._conv_weight_sq_norms_im2col, "grouped_conv": rules._conv_weight_sq_norms_grouped_conv}[method]
-    torch.testing.assert_close(compute(conv, x, g), expected, rtol=1e-6, atol=1e-12)
+    compute = {"gram": rules._conv_sq_norms_gram, "im2col": rules._conv_sq_norms_im2col, "grouped_conv": rules._conv_sq_norms_grouped_conv}[method]
+    torch.testing.assert_close(compute(conv, x, g, True), expected, rtol=1e-6, atol=1e-12)

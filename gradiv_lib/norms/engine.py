@@ -16,22 +16,45 @@ uses and squares at the end. A hook on every trainable parameter records
 :math:`\\|\\sum_i \\nabla_w \\ell_i\\|^2` from the gradient the same backward pass produces, without
 touching ``.grad``. Layers without a rule go to the ``torch.func`` fallback (``fallback.py``), and
 sample-mixing layers (BatchNorm with batch statistics) are refused.
+
+Right or loud: two checks guard what hooks cannot see (``check="first_call"``, the default, runs them
+once per model and input signature; ``"every_call"`` on every measurement; ``"off"`` never).
+
+* **Batch axes** (``batch_axes.py``): a permutation probe finds which axis of every layer's tensors
+  holds the samples, so a ``(T, B, ·)`` tensor inside a batch-first model is handled on its real batch
+  axis (or refused with the layer named) even when ``T == B``.
+* **Unseen parameter uses**: the per-sample gradients the hooks imply must add up to the gradient
+  autograd produced, :math:`\\sum_i g_i^{\\text{hooks}} = \\nabla_w L`. A parameter also used outside
+  its module (``x @ emb.weight.T``) or a layer that mixes samples breaks the identity; the engine then
+  raises with the parameter's name. The sum costs one weight-gradient-sized computation per layer,
+  which is why it runs on the first call only by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from gradiv_lib.norms import batch_axes
+from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
-from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy
+from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
+
+Check = Literal["first_call", "every_call", "off"]
+"""When the engine runs its batch-axis probe and gradient-sum check."""
+
+CHECKS: tuple[str, ...] = get_args(Check)
+
+GRAD_SUM_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+"""Relative tolerance of the gradient-sum check by parameter dtype (half precision or autocast: 5e-2)."""
 
 
 @dataclass(eq=False)
@@ -55,26 +78,10 @@ class _Layer:
         return f"'{self.path or '<model>'}' ({type(self.module).__qualname__})"
 
 
-class _OutputGradHook:
-    """The tensor hook on one layer output: forward-pass state for exactly one backward hook call,
-    dropped when used. The hook object lives as long as the autograd graph, and holding activations
-    there would keep them alive until the end of the backward pass instead of letting autograd free
-    them layer by layer. (One small object per layer call: this runs on every training step.)"""
-
-    __slots__ = ("_engine", "_layer", "_saved")
-
-    def __init__(self, engine: PerSampleNormEngine, layer: _Layer, saved: Any) -> None:
-        self._engine, self._layer, self._saved = engine, layer, saved
-
-    def __call__(self, grad_output: Tensor) -> None:
-        saved, self._saved = self._saved, None
-        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
-            return
-        self._engine._on_rule_output_grad(self._layer, saved, grad_output)
-
-
 class _SavedOnce:
-    """Forward-pass state for exactly one backward hook call (the fallback's), dropped when taken."""
+    """Forward-pass state for exactly one backward hook call, dropped when taken: the hook object
+    lives as long as the autograd graph, and holding activations there would keep them alive until
+    the end of the backward pass instead of letting autograd free them layer by layer."""
 
     __slots__ = ("_value",)
 
@@ -84,6 +91,24 @@ class _SavedOnce:
     def take(self) -> Any:
         value, self._value = self._value, None
         return value
+
+
+class _OutputGradHook:
+    """The tensor hook on one rule layer's output: forward-pass state for exactly one backward hook
+    call, dropped when used (the hook object lives as long as the autograd graph, and holding
+    activations there would keep them alive until the end of the backward pass). One small object per
+    layer call instead of a partial and a holder: this runs on every measured training step."""
+
+    __slots__ = ("_engine", "_layer", "_root", "_index", "_saved")
+
+    def __init__(self, engine: PerSampleNormEngine, layer: _Layer, root: _RootCall | None, index: int, saved: Any) -> None:
+        self._engine, self._layer, self._root, self._index, self._saved = engine, layer, root, index, saved
+
+    def __call__(self, grad_output: Tensor) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            return
+        self._engine._on_rule_output_grad(self._layer, self._root, self._index, saved, grad_output)
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -123,6 +148,17 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
     return layers
 
 
+@dataclass(eq=False)
+class _RootCall:
+    """One call of the model itself: where each layer's calls start, and the probed layout."""
+
+    base: dict[str, int]
+    layout: Layout | None = None
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class PerSampleNormEngine:
     """Hooks that compute per-sample squared gradient norms while an ordinary backward pass runs.
 
@@ -134,44 +170,63 @@ class PerSampleNormEngine:
     Parameters
     ----------
     model
-        The network. Every layer must see the batch along dimension 0 and treat samples independently.
-        Which parameters are trainable is read here: build the engine after freezing parameters.
+        The network, called on batch-first inputs (samples along dimension 0 of every tensor argument).
+        Inside it, layers may hold the batch on another axis (``(T, B, ·)`` sequence layers): the
+        permutation probe finds it. Which parameters are trainable is read here: build the engine after
+        freezing parameters.
     sequence_strategy
         For Linear layers on sequences and for convolutions: ``"auto"`` (time the methods that the
-        FLOP model leaves in the race once per layer shape, then use the fastest), ``"gram"`` or
-        ``"materialize"``.
+        FLOP model leaves in the race once per layer shape, check they agree, then use the fastest),
+        ``"gram"`` or ``"materialize"``.
     batch_size
-        Expected number of samples, checked against every layer input; inferred from the first layer
-        call when ``None``.
+        Expected number of samples; inferred from the model's first tensor argument when ``None``.
+    check
+        ``"first_call"`` (default): run the batch-axis probe and the gradient-sum check once per model
+        and input signature; ``"every_call"``: on every measurement (for models whose control flow
+        changes between calls); ``"off"``: never — batch axes are then read from shapes, and a shape
+        with several axes of size B is refused.
 
     Raises
     ------
     ValueError
-        If the model has no trainable parameters, ``sequence_strategy`` is unknown, or a layer mixes
-        samples (``Embedding(scale_grad_by_freq=True)``; BatchNorm using batch statistics is refused
-        when it runs).
+        If the model has no trainable parameters, an option is unknown, or a layer mixes samples
+        (``Embedding(scale_grad_by_freq=True)``; BatchNorm using batch statistics, a layer whose batch
+        axis the probe cannot find, or a parameter with uses the hooks do not see are refused when
+        they run).
     """
 
-    def __init__(self, model: nn.Module, *, sequence_strategy: SequenceStrategy = "auto", batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sequence_strategy: SequenceStrategy = "auto",
+        batch_size: int | None = None,
+        check: Check = "first_call",
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
         if sequence_strategy not in SEQUENCE_STRATEGIES:
             raise ValueError(f"sequence_strategy must be one of {SEQUENCE_STRATEGIES}, got {sequence_strategy!r}")
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
         self._parameters = [p for p in model.parameters() if p.requires_grad]
         if not self._parameters:
             raise ValueError(
                 f"model ({type(model).__qualname__}) has no trainable parameters (none with requires_grad=True); "
                 "there is no gradient to measure"
             )
+        self._model = model
         self._parameter_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self._layers = _plan_layers(model)
         self._batch_norms = [(path, m) for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._strategy: SequenceStrategy = sequence_strategy
+        self._check: Check = check
         self._expected_batch_size = batch_size
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._paused = False
-        # Hooks are bound once here: attach() runs on every measured training step.
-        self._forward_hooks: list[tuple[nn.Module, Any, bool]] = [
+        self._probe_run: dict[str, list[tuple[list[Any], list[Any]]]] | None = None
+        # hooks are bound once here, not in attach(): attach runs on every measured training step
+        self._layer_hooks: list[tuple[nn.Module, Any, bool]] = [
             (layer.module, partial(self._record_fallback_call, layer), True) if layer.rule is None
             else (layer.module, partial(self._record_rule_call, layer), False)
             for layer in self._layers
@@ -197,6 +252,13 @@ class PerSampleNormEngine:
         self._per_sample_grads: dict[int, Tensor] = {}
         self._grad_norms: list[Tensor] = []
         self._grad_counts: Counter[int] = Counter()
+        self._root: _RootCall | None = None
+        self._signature: Any = None
+        self._verify = self._check != "off"
+        self._verified = False
+        self._grad_sums: dict[int, Tensor] = {}
+        self._actual_grads: dict[int, Tensor] = {}
+        self._low_precision = False
         for layer in self._layers:
             layer.calls = 0
             layer.covered = False
@@ -205,7 +267,9 @@ class PerSampleNormEngine:
         """Register the hooks (idempotent)."""
         if self._handles:
             return self
-        handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._forward_hooks]
+        handles = [self._model.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
+        handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._layer_hooks]
+        handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
         handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
         handles += [p.register_hook(hook) for p, hook in self._parameter_hooks]
         self._handles = handles
@@ -227,7 +291,71 @@ class PerSampleNormEngine:
     # --- forward ---------------------------------------------------------------------------------
 
     def _recording(self) -> bool:
-        return not self._paused and torch.is_grad_enabled()
+        return not self._paused and self._probe_run is None and torch.is_grad_enabled()
+
+    def _on_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._recording():
+            return
+        if self._batch_size is None:
+            first = next((leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
+            if first is not None:
+                self._batch_size = int(first.shape[0])
+        self._root = _RootCall({layer.path: layer.calls for layer in self._layers})
+        if self._check == "off":
+            return
+        self._signature = batch_axes.signature(module, args, kwargs)
+        if self._check == "first_call":
+            self._root.layout = batch_axes._LAYOUTS.get(module, {}).get(self._signature)
+            if self._root.layout is not None and self._root.layout.grads_verified:
+                self._verify = False
+
+    def _after_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        root = self._root
+        if not self._recording() or root is None or self._check == "off" or root.layout is not None:
+            return
+        if self._batch_size is not None and self._batch_size > 1:
+            root.layout = self._probe(args, kwargs)
+            if self._check == "first_call":
+                batch_axes._LAYOUTS.setdefault(module, {})[self._signature] = root.layout
+
+    def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
+        """Run the model on the batch and on the batch rolled by one sample (``batch_axes.py``)."""
+        rolled_args, rolled_kwargs = batch_axes.rolled_inputs(args, kwargs, self._batch_size)
+        modes = [(m, m.training) for m in self._model.modules()]
+        devices = batch_axes.cuda_devices((args, kwargs))
+        runs = []
+        try:
+            self._model.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+                for call_args, call_kwargs in ((args, kwargs), (rolled_args, rolled_kwargs)):
+                    torch.set_rng_state(states[0])
+                    for d, state in zip(devices, states[1]):
+                        torch.cuda.set_rng_state(state, d)
+                    self._probe_run = {}
+                    self._model(*call_args, **call_kwargs)
+                    runs.append(self._probe_run)
+        finally:
+            self._probe_run = None
+            for m, mode in modes:
+                m.training = mode
+        layout = Layout()
+        first, rolled = runs
+        for path, calls in first.items():
+            other = rolled.get(path, [])
+            if len(other) != len(calls):  # control flow depends on the data: such calls stay unresolved
+                continue
+            for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls, other)):
+                if len(in1) == len(in2) and len(out1) == len(out2):
+                    layout.axes[(path, index)] = (
+                        tuple(batch_axes.resolve(a, b) for a, b in zip(in1, in2)),
+                        tuple(batch_axes.resolve(a, b) for a, b in zip(out1, out2)),
+                    )
+        return layout
+
+    def _probe_record(self, layer: _Layer, inputs: list[Any], outputs: list[Any]) -> None:
+        prints = [batch_axes.fingerprint(t, self._batch_size) for t in inputs], [batch_axes.fingerprint(t, self._batch_size) for t in outputs]
+        self._probe_run.setdefault(layer.path, []).append(prints)
 
     def _refuse_batch_statistics(self, path: str, module: _BatchNorm, args: tuple[Any, ...]) -> None:
         if not self._recording() or not (module.training or module.running_mean is None):
@@ -242,18 +370,26 @@ class PerSampleNormEngine:
 
     def _check_batch(self, layer: _Layer, tensor: Tensor) -> None:
         if tensor.dim() == 0:
-            raise ValueError(f"layer {layer.name} received a 0-d tensor; per-sample norms need a batch dimension first")
+            raise ValueError(f"layer {layer.name} received a 0-d tensor; per-sample norms need a batch dimension")
         if self._batch_size is None:
             self._batch_size = int(tensor.shape[0])
-        elif tensor.shape[0] != self._batch_size:
+        elif self._batch_size not in tensor.shape:
             raise ValueError(
-                f"layer {layer.name} received a tensor of shape {tuple(tensor.shape)} whose first dimension is "
-                f"{tensor.shape[0]}, but the batch has {self._batch_size} samples; per-sample norms need every "
-                "layer to see the batch along dimension 0 (use batch_first=True for sequence layers)"
+                f"layer {layer.name} received a tensor of shape {tuple(tensor.shape)} with no axis of size "
+                f"{self._batch_size}, but the batch has {self._batch_size} samples; per-sample norms need every "
+                "layer to see the samples along one axis (the batch cannot be flattened into another axis)"
             )
 
+    def _call_index(self, layer: _Layer) -> int:
+        index = layer.calls - (self._root.base.get(layer.path, 0) if self._root is not None else 0)
+        layer.calls += 1
+        return index
+
     def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        # output.requires_grad is False under no_grad/inference mode, so this also skips evaluation passes
+        if self._probe_run is not None:
+            self._probe_record(layer, [args[0]], [output])
+            return
+        # output.requires_grad is False under no_grad / inference mode (evaluation passes are skipped)
         if self._paused or not output.requires_grad:
             return
         activation = args[0]
@@ -262,12 +398,15 @@ class PerSampleNormEngine:
                 f"layer {layer.name} was called on an unbatched input of shape {tuple(activation.shape)}; "
                 f"it needs at least {layer.rule.batched_input_dim} dimensions with the batch first"
             )
-        if activation.shape[0] != self._batch_size:
+        if self._batch_size is None or activation.shape[0] != self._batch_size:
             self._check_batch(layer, activation)
-        layer.calls += 1
-        output.register_hook(_OutputGradHook(self, layer, layer.rule.save(module, activation, output)))
+        index = self._call_index(layer)
+        output.register_hook(_OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output)))
 
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._probe_run is not None:
+            self._probe_record(layer, tree_flatten((args, kwargs))[0], tree_flatten(output)[0])
+            return
         if not self._recording():
             return
         leaves, _ = tree_flatten(output)
@@ -276,35 +415,122 @@ class PerSampleNormEngine:
             return
         for index in indices:
             self._check_batch(layer, leaves[index])
-        layer.calls += 1
+        call = self._call_index(layer)
         warn_fallback_once(module, layer.path)
         saved = _SavedOnce(tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)))
-        hook = partial(self._on_fallback_output_grads, layer, saved, indices)
+        hook = partial(self._on_fallback_output_grads, layer, self._root, call, saved, indices, len(leaves))
         torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in indices], hook, mode="all")
+
+    # --- batch axes --------------------------------------------------------------------------------
+
+    def _axis_from_shape(self, layer: _Layer, tensor: Any, what: str) -> int | None:
+        """Without a probe: the unique axis of size B (any size-1 axis when B == 1)."""
+        if not isinstance(tensor, Tensor) or tensor.dim() == 0:
+            return None
+        axes = [axis for axis, size in enumerate(tensor.shape) if size == self._batch_size]
+        if len(axes) <= 1 or self._batch_size == 1:
+            return axes[0] if axes else None
+        raise ValueError(
+            f"layer {layer.name}: its {what} has shape {tuple(tensor.shape)}, with several axes of size B = "
+            f"{self._batch_size}, and no probe has resolved which one holds the samples (the model itself was "
+            f"not called inside the measurement, or check='off'). Call the model (not a submodule) inside the "
+            "measurement with check='first_call' or 'every_call', or use a batch size that no other axis has."
+        )
+
+    def _layout_entry(self, layer: _Layer, root: _RootCall | None, index: int) -> tuple[tuple[int | None, ...], tuple[int | None, ...]] | None:
+        if root is None or root.layout is None:
+            return None
+        return root.layout.axes.get((layer.path, index))
+
+    def _refuse_axis(self, layer: _Layer, what: str, axis: int | None) -> None:
+        if axis == MIXED:
+            raise ValueError(
+                f"layer {layer.name}: its {what} changes when the samples of the batch are permuted in a way no "
+                "axis explains, so it mixes samples (batch statistics, a sum or a reshape across the batch, or "
+                "random numbers drawn in eval mode); per-sample gradients are undefined. Make the model treat "
+                "samples independently, or pass check='off' if its forward draws noise in eval mode."
+            )
+        raise ValueError(
+            f"layer {layer.name}: its {what} is the same for every sample (it is computed once and broadcast "
+            "across the batch), so the gradient reaching the layer is already summed over samples and per-sample "
+            "gradients cannot be recovered. Expand the input along the batch first (e.g. positions.expand(B, -1))."
+        )
+
+    def _rule_axis(self, layer: _Layer, root: _RootCall | None, index: int, grad_output: Tensor) -> int:
+        entry = self._layout_entry(layer, root, index)
+        if entry is None:
+            axis = self._axis_from_shape(layer, grad_output, "output")
+            if axis is None:
+                self._refuse_axis(layer, "output", None)
+        else:
+            (axis,), (out_axis,) = entry
+            if axis is None or axis == MIXED:
+                self._refuse_axis(layer, "input", axis)
+            if out_axis != axis:
+                self._refuse_axis(layer, "output", out_axis if out_axis in (None, MIXED) else MIXED)
+        if axis != 0:
+            limit = layer.rule.leading_dims(layer.module, grad_output) if layer.rule.leading_dims is not None else 1
+            if axis >= limit:
+                raise ValueError(
+                    f"layer {layer.name} sees the samples along axis {axis} of its input (shape "
+                    f"{tuple(grad_output.shape)} at the output); its per-sample rule needs them along one of the "
+                    f"first {limit} axes. Give the layer a batch-first input (transpose before it)."
+                )
+        return axis
+
+    def _fallback_axes(self, layer: _Layer, root: _RootCall | None, index: int, in_leaves: list[Any], out_leaves: dict[int, Tensor], n_out: int) -> tuple[list[int | None], list[int | None]]:
+        entry = self._layout_entry(layer, root, index)
+        if entry is None:
+            in_axes = [self._axis_from_shape(layer, leaf, f"input {i}") for i, leaf in enumerate(in_leaves)]
+            out_axes = [self._axis_from_shape(layer, out_leaves[i], f"output {i}") if i in out_leaves else None for i in range(n_out)]
+        else:
+            in_axes, out_axes = list(entry[0]), list(entry[1])
+        for i, axis in enumerate(in_axes):
+            if axis == MIXED:
+                self._refuse_axis(layer, f"input {i}", axis)
+        for i in out_leaves:
+            if out_axes[i] is None or out_axes[i] == MIXED:
+                self._refuse_axis(layer, f"output {i}", out_axes[i])
+        return in_axes, out_axes
 
     # --- backward --------------------------------------------------------------------------------
 
     def _materializes(self, layer: _Layer) -> bool:
         return layer.shares_parameters or layer.calls > 1
 
-    def _on_rule_output_grad(self, layer: _Layer, saved: Any, grad_output: Tensor) -> None:
-        if torch.is_grad_enabled():  # backward(create_graph=True): keep the norms out of the graph
-            with torch.no_grad():
-                return self._on_rule_output_grad(layer, saved, grad_output)
-        if self._materializes(layer):
-            self._add_per_sample_grads(layer, layer.rule.per_sample_grads(layer.module, saved, grad_output))
-        else:
-            self._sq_norm_parts.append(layer.rule.sq_norms(layer.module, saved, grad_output, self._strategy))
+    def _on_rule_output_grad(self, layer: _Layer, root: _RootCall | None, index: int, saved: Any, grad_output: Tensor) -> None:
+        axis = self._rule_axis(layer, root, index, grad_output)
+        if axis != 0:
+            saved, grad_output = saved.movedim(axis, 0), grad_output.movedim(axis, 0)
+        if grad_output.dtype in _HALF:
+            self._low_precision = True
+        rule, module = layer.rule, layer.module
+        # hooks run with grad mode off unless backward(create_graph=True); only then is no_grad needed
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            if self._materializes(layer):
+                self._add_per_sample_grads(layer, rule.per_sample_grads(module, saved, grad_output))
+            else:
+                self._sq_norm_parts.append(rule.sq_norms(module, saved, grad_output, self._strategy))
+                if self._verify:
+                    self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output))
         layer.covered = True
 
-    def _on_fallback_output_grads(self, layer: _Layer, saved_once: _SavedOnce, indices: list[int], grads: list[Tensor | None]) -> None:
+    def _on_fallback_output_grads(
+        self, layer: _Layer, root: _RootCall | None, index: int, saved_once: _SavedOnce, indices: list[int], n_out: int, grads: list[Tensor | None]
+    ) -> None:
         saved = saved_once.take()
         if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
             return
         args, kwargs = saved
+        in_leaves, _ = tree_flatten((args, kwargs))
+        out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
+        in_axes, out_axes = self._fallback_axes(layer, root, index, in_leaves, out_grads, n_out)
+        self._low_precision |= any(g.dtype in _HALF for g in out_grads.values())
         self._paused = True
         try:
-            per_sample = fallback_per_sample_grads(layer.module, layer.path, layer.params, args, kwargs, indices, grads, self._batch_size)
+            per_sample = fallback_per_sample_grads(
+                layer.module, layer.path, layer.params, args, kwargs, in_axes, out_grads, out_axes, self._batch_size
+            )
         finally:
             self._paused = False
         with torch.no_grad():
@@ -313,6 +539,8 @@ class PerSampleNormEngine:
             else:
                 for g in per_sample.values():
                     self._sq_norm_parts.append(g.reshape(g.shape[0], -1).square().sum(1))
+                if self._verify:
+                    self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()})
         layer.covered = True
 
     def _add_per_sample_grads(self, layer: _Layer, grads: dict[str, Tensor]) -> None:
@@ -321,12 +549,49 @@ class PerSampleNormEngine:
             previous = self._per_sample_grads.get(pid)
             self._per_sample_grads[pid] = g if previous is None else previous + g
 
+    def _add_grad_sums(self, layer: _Layer, sums: dict[str, Tensor]) -> None:
+        for name, total in sums.items():
+            pid = id(layer.params[name])
+            previous = self._grad_sums.get(pid)
+            self._grad_sums[pid] = total if previous is None else previous + total
+
     def _record_parameter_grad(self, pid: int, grad: Tensor) -> None:
         self._grad_counts[pid] += 1
         values = grad.coalesce().values() if grad.is_sparse else grad
         self._grad_norms.append(torch.linalg.vector_norm(values.detach()))
+        if self._verify:
+            self._actual_grads[pid] = grad.detach()
 
     # --- results ---------------------------------------------------------------------------------
+
+    def _check_grad_sums(self) -> None:
+        """Σ_i (per-sample gradients the hooks imply) must equal the gradient autograd produced."""
+        sums = dict(self._grad_sums)
+        for pid, g in self._per_sample_grads.items():
+            sums[pid] = g.sum(0)
+        for pid, actual in self._actual_grads.items():
+            implied = sums.get(pid)
+            if implied is None:
+                continue
+            actual = (actual.to_dense() if actual.is_sparse else actual).double()
+            scale = float(torch.linalg.vector_norm(actual))
+            error = float(torch.linalg.vector_norm(implied.double().reshape(actual.shape) - actual))
+            low = self._low_precision or actual.dtype in _HALF
+            tolerance = 5e-2 if low else GRAD_SUM_TOLERANCE.get(self._parameters_dtype(pid), 1e-3)
+            if error > tolerance * scale + 1e-30:
+                name = self._parameter_names[pid]
+                raise ValueError(
+                    f"parameter '{name}' received a gradient that the per-sample hooks do not explain: the sum over "
+                    f"samples of the per-sample gradients differs from the autograd gradient by {error / max(scale, 1e-300):.3g} "
+                    f"of its norm (tolerance {tolerance:g}). It is used outside its module's forward (e.g. x @ {name}.T "
+                    f"or F.linear(x, {name})), or its layer mixes samples. Use it only through modules (tying it to an "
+                    "nn.Linear / nn.Embedding weight is fine: shared parameters are handled), or move the code that "
+                    "uses it into a small custom module so the torch.func fallback sees every use; check='off' skips "
+                    "this check."
+                )
+
+    def _parameters_dtype(self, pid: int) -> torch.dtype:
+        return next(p.dtype for p in self._parameters if id(p) == pid)
 
     def _check_complete(self) -> None:
         if not self._grad_counts:
@@ -348,6 +613,12 @@ class PerSampleNormEngine:
                 "outside their own module's forward (for example F.linear(x, layer.weight)); call the module instead, "
                 "or keep the parameters in a small custom module so the torch.func fallback handles them"
             )
+        if self._verify and not self._verified:
+            self._check_grad_sums()
+            self._verified = True
+            self._actual_grads, self._grad_sums = {}, {}
+            if self._root is not None and self._root.layout is not None and self._check == "first_call":
+                self._root.layout.grads_verified = True
 
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""
@@ -356,7 +627,7 @@ class PerSampleNormEngine:
         if len(parts) == 1:
             return parts[0]
         if all(part.dtype == parts[0].dtype for part in parts):
-            return torch.stack(parts).sum(0)
+            return torch.stack(parts).sum(0)  # one reduction for all layers
         total = parts[0]
         for part in parts[1:]:
             total = total + part

@@ -1,4 +1,4 @@
-"""Per-sample gradients of a layer that no rule handles, by ``torch.func``.
+"""Per-sample gradients of a layer that no rule handles, by ``torch.func`` (or a per-sample loop).
 
 Derived in chapter 2 of the book (book/ch02_computing_fast).
 
@@ -7,15 +7,19 @@ per-sample gradient of its parameters :math:`\\theta` is the vector-Jacobian pro
 
 .. math:: \\nabla_\\theta \\ell_i = \\nabla_\\theta \\langle f(x_i; \\theta), \\delta_i \\rangle,
 
-evaluated for all samples at once with ``vmap(grad(...))`` over the batch axis. This re-runs the
-module's forward once (vectorised) and materialises a ``[B, *shape]`` gradient per parameter, so it
-is slower than a rule; a warning names each layer type the first time it falls back.
+evaluated for all samples at once with ``vmap(grad(...))`` over each tensor's batch axis (which the
+engine's probe found: a ``(T, B, ·)`` RNN input is split along axis 1). Layers that ``vmap`` cannot
+batch (the fused RNN/LSTM/GRU kernels, norm layers that update running statistics) take the same
+vector-Jacobian product sample by sample, which is exact and slower. Either way the module's
+forward runs again and a ``[B, *shape]`` gradient per parameter is materialised; a warning names
+each layer type the first time it falls back. Buffers are passed as copies, so running statistics
+are not updated twice.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +29,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 _warned_layer_types: set[type[nn.Module]] = set()
 """Layer types already reported by :func:`warn_fallback_once` in this process."""
+
+_loop_layer_types: set[type[nn.Module]] = {nn.RNN, nn.LSTM, nn.GRU}
+"""Layer types that ``vmap`` cannot batch; grown when ``vmap`` fails on a new type."""
 
 
 def warn_fallback_once(module: nn.Module, path: str) -> None:
@@ -48,8 +55,9 @@ def fallback_per_sample_grads(
     params: dict[str, Tensor],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    output_indices: Sequence[int],
-    output_grads: Sequence[Tensor | None],
+    in_axes: Sequence[int | None],
+    output_grads: Mapping[int, Tensor],
+    out_axes: Sequence[int | None],
     batch_size: int,
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``{name: [B, *shape]}`` of ``params`` (names relative to ``module``).
@@ -61,41 +69,69 @@ def fallback_per_sample_grads(
     params
         Trainable parameters of the layer's subtree, keyed by name relative to ``module``.
     args, kwargs
-        The (detached) inputs of the forward call; tensors whose first dimension is ``batch_size`` are
-        split per sample, everything else is shared.
-    output_indices, output_grads
-        Positions of the differentiable tensors among the flattened outputs, and their gradients
-        (``None`` where no gradient arrived).
+        The (detached) inputs of the forward call.
+    in_axes
+        Batch axis of every flattened leaf of ``(args, kwargs)``; ``None`` for leaves shared by all
+        samples.
+    output_grads, out_axes
+        Gradients of the flattened outputs that received one (by leaf position), and the batch axis of
+        every output leaf.
     batch_size
         Number of samples B.
     """
     leaves, spec = tree_flatten((args, kwargs))
-    is_batched = [isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size for leaf in leaves]
-    batched_leaves = tuple(leaf for leaf, batched in zip(leaves, is_batched) if batched)
-    pairs = [(index, g) for index, g in zip(output_indices, output_grads) if g is not None]
-    for _, g in pairs:
-        if g.dim() == 0 or g.shape[0] != batch_size:
-            raise ValueError(
-                f"module '{path}' ({type(module).__qualname__}) returned an output of shape {tuple(g.shape)}, "
-                f"expected a batch-first output with {batch_size} samples; per-sample gradients need batch-first layers"
-            )
-    indices = [index for index, _ in pairs]
-    deltas = tuple(g for _, g in pairs)
+    batched = [(i, axis) for i, axis in enumerate(in_axes) if axis is not None and isinstance(leaves[i], Tensor)]
+    outputs = [(i, out_axes[i]) for i in output_grads]
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
 
-    def sample_objective(theta: dict[str, Tensor], sample_leaves: tuple[Tensor, ...], sample_deltas: tuple[Tensor, ...]) -> Tensor:
-        per_sample = iter(sample_leaves)
-        call_leaves = [next(per_sample).unsqueeze(0) if batched else leaf for leaf, batched in zip(leaves, is_batched)]
+    def objective(theta: dict[str, Tensor], sample_leaves: Sequence[Tensor], sample_deltas: Sequence[Tensor]) -> Tensor:
+        """⟨f(x_i; θ), δ_i⟩ for one sample whose tensors keep a batch axis of size 1."""
+        call_leaves = list(leaves)
+        for (i, _), leaf in zip(batched, sample_leaves):
+            call_leaves[i] = leaf
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
-        outputs, _ = tree_flatten(functional_call(module, theta, call_args, call_kwargs))
-        return sum((outputs[index] * delta.unsqueeze(0)).sum() for index, delta in zip(indices, sample_deltas))
+        flat, _ = tree_flatten(functional_call(module, {**buffers, **theta}, call_args, call_kwargs))
+        return sum((flat[i] * delta).sum() for (i, _), delta in zip(outputs, sample_deltas))
 
     theta = {name: p.detach() for name, p in params.items()}
+    batched_leaves = tuple(leaves[i] for i, _ in batched)
+    deltas = tuple(output_grads[i] for i, _ in outputs)
     try:
         with torch.enable_grad():
-            return vmap(grad(sample_objective), in_dims=(None, 0, 0))(theta, batched_leaves, deltas)
+            if type(module) not in _loop_layer_types:
+                try:
+                    return _vmapped(objective, theta, batched, batched_leaves, outputs, deltas)
+                except Exception:  # vmap has no batching rule for something in the layer: loop instead
+                    _loop_layer_types.add(type(module))
+            return _looped(objective, theta, batched, batched_leaves, outputs, deltas, batch_size)
     except Exception as error:  # re-raised with the layer named
         raise ValueError(
             f"the torch.func fallback failed for module '{path}' ({type(module).__qualname__}): {error}. "
-            "The fallback needs a layer that treats samples independently, takes batch-first tensors and "
-            "draws no random numbers (put dropout outside it)."
+            "The fallback needs a layer that treats samples independently and draws no random numbers "
+            "(put dropout outside it, or use the layer in eval mode)."
         ) from error
+
+
+def _vmapped(objective: Any, theta: dict[str, Tensor], batched: list[tuple[int, int]], batched_leaves: tuple[Tensor, ...],
+             outputs: list[tuple[int, int]], deltas: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    def sample_objective(theta: dict[str, Tensor], sample_leaves: tuple[Tensor, ...], sample_deltas: tuple[Tensor, ...]) -> Tensor:
+        leaves = [leaf.unsqueeze(axis) for (_, axis), leaf in zip(batched, sample_leaves)]
+        return objective(theta, leaves, [d.unsqueeze(axis) for (_, axis), d in zip(outputs, sample_deltas)])
+
+    in_dims = (None, tuple(axis for _, axis in batched), tuple(axis for _, axis in outputs))
+    return vmap(grad(sample_objective), in_dims=in_dims)(theta, batched_leaves, deltas)
+
+
+def _looped(objective: Any, theta: dict[str, Tensor], batched: list[tuple[int, int]], batched_leaves: tuple[Tensor, ...],
+            outputs: list[tuple[int, int]], deltas: tuple[Tensor, ...], batch_size: int) -> dict[str, Tensor]:
+    names = list(theta)
+    per_sample: list[list[Tensor]] = [[] for _ in names]
+    for i in range(batch_size):
+        live = {name: t.detach().requires_grad_() for name, t in theta.items()}
+        leaves = [leaf.narrow(axis, i, 1) for (_, axis), leaf in zip(batched, batched_leaves)]
+        sample_deltas = [d.narrow(axis, i, 1) for (_, axis), d in zip(outputs, deltas)]
+        value = objective(live, leaves, sample_deltas)
+        grads = torch.autograd.grad(value, list(live.values()), allow_unused=True)
+        for store, g, t in zip(per_sample, grads, live.values()):
+            store.append(torch.zeros_like(t) if g is None else g)
+    return {name: torch.stack(store) for name, store in zip(names, per_sample)}

@@ -6,6 +6,11 @@ Which per-sample norm method wins (Gram form, im2col + batched GEMM, grouped con
 the shapes *and* on the machine (GEMM efficiency for small matrices, memory bandwidth, cuDNN), so
 the engine times the candidates that the FLOP model leaves in the race on the first call for a
 given shape and reuses the winner for every later call with that shape.
+
+Timing only ever chooses among candidates that compute the same number: every time a winner is
+chosen, all candidates' results are compared (to :data:`AGREEMENT_TOLERANCE` for their dtype) and a
+disagreement raises instead of letting the clock pick a wrong method; the call that chooses returns
+the winner's own result, so the first and the later calls use the same method.
 """
 
 from __future__ import annotations
@@ -20,6 +25,25 @@ from torch import Tensor
 _winners: dict[Hashable, str] = {}
 """Fastest candidate name per problem key, for this process."""
 
+AGREEMENT_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+"""Relative tolerance (to the largest value) within which candidates must agree; 1e-2 for others."""
+
+
+def check_agreement(key: Hashable, results: dict[str, Tensor]) -> None:
+    """Raise ``RuntimeError`` if the candidates' results differ by more than rounding."""
+    names = list(results)
+    reference = results[names[0]].double()
+    scale = float(reference.abs().max()) + 1e-300
+    tolerance = AGREEMENT_TOLERANCE.get(results[names[0]].dtype, 1e-2)
+    for name in names[1:]:
+        difference = float((results[name].double() - reference).abs().max())
+        if not difference <= tolerance * scale:
+            raise RuntimeError(
+                f"gradiv_lib.norms: per-sample norm methods {names[0]!r} and {name!r} disagree by "
+                f"{difference / scale:.3g} (relative, tolerance {tolerance:g}) for {key}; this is a bug in one of "
+                "them. Force one method with sequence_strategy='gram' or 'materialize' and report the layer."
+            )
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -30,8 +54,8 @@ def run_fastest(key: Hashable, candidates: dict[str, Callable[[], Tensor]], devi
     """Return the result of the fastest candidate for ``key``.
 
     On the first call for ``key`` every candidate runs twice and is timed (best of two, with device
-    synchronisation); the first candidate's result is returned and the winner is remembered. All
-    candidates must compute the same value (up to rounding).
+    synchronisation), their results are checked to agree (:func:`check_agreement`), and the winner's
+    result is returned and the winner remembered.
     """
     if len(candidates) == 1:
         return next(iter(candidates.values()))()
@@ -39,18 +63,19 @@ def run_fastest(key: Hashable, candidates: dict[str, Callable[[], Tensor]], devi
     if winner is not None:
         return candidates[winner]()
     timings: dict[str, float] = {}
-    result: Tensor | None = None
+    results: dict[str, Tensor] = {}
     for name, candidate in candidates.items():
         timings[name] = math.inf
         for _ in range(2):
             _synchronize(device)
             start = time.perf_counter()
-            value = candidate()
+            results[name] = candidate()
             _synchronize(device)
             timings[name] = min(timings[name], time.perf_counter() - start)
-        result = value if result is None else result
-    _winners[key] = min(timings, key=timings.__getitem__)
-    return result
+    check_agreement(key, results)
+    winner = min(timings, key=timings.__getitem__)
+    _winners[key] = winner
+    return results[winner]
 
 
 def within_factor(costs: dict[str, float], factor: float = 4.0) -> set[str]:

@@ -73,12 +73,17 @@ class LayerRule:
     save
         ``(module, input, output) -> saved``, run in the forward pass: what the backward rule needs
         (the detached input by default).
+    leading_dims
+        ``(module, grad_output) -> k`` for layers that act on the last axes only (Linear, Embedding,
+        LayerNorm): the batch may be on any of the first ``k`` axes and is moved to axis 0 before the
+        rule runs. ``None``: the batch must be on axis 0 (convolutions, GroupNorm, BatchNorm).
     """
 
     sq_norms: Callable[[nn.Module, Any, Tensor, SequenceStrategy], Tensor]
     per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]]
     batched_input_dim: int
     save: Callable[[nn.Module, Tensor, Tensor], Any] = _save_input
+    leading_dims: Callable[[nn.Module, Tensor], int] | None = None
 
 
 def _trainable(param: Tensor | None) -> bool:
@@ -292,9 +297,8 @@ def _conv_with_bias(module: nn.Module) -> bool:
     return _trainable(module.bias)
 
 
-def _conv_weight_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    """Σ_{t,s} (a_t·a_s + 1)(δ_t·δ_s) per group: weight (+ bias when trainable) squared norms."""
-    bias = _conv_with_bias(module)
+def _conv_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """Σ_{t,s} (a_t·a_s + [bias])(δ_t·δ_s) per group: weight (and bias) squared norms."""
     a, d = _conv_factors_with_ones(module, x, g, False)
     gram_a = torch.matmul(a.transpose(-1, -2), a)
     if bias:
@@ -303,18 +307,33 @@ def _conv_weight_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor) -> Tenso
     return gram_a.mul_(gram_d).reshape(x.shape[0], -1).sum(1)
 
 
-def _conv_weight_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    """‖D_i [A_i; 1]ᵀ‖² per sample by im2col + batched GEMM (weight, and bias when trainable)."""
-    a, d = _conv_factors_with_ones(module, x, g, _conv_with_bias(module))
+def _conv_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """‖D_i [A_i; 1]ᵀ‖² per sample by im2col + batched GEMM (the ones row only with ``bias``)."""
+    a, d = _conv_factors_with_ones(module, x, g, bias)
     return _sq_sum_rows(torch.matmul(d, a.transpose(-1, -2)))
 
 
-def _conv_weight_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    """Per-sample weight gradients by one grouped weight-gradient convolution (+ bias when trainable)."""
+def _conv_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """Per-sample weight gradients by one grouped weight-gradient convolution (+ bias sums)."""
     total = _sq_sum_rows(_conv_weight_grads_by_grouped_conv(module, x, g))
-    if _conv_with_bias(module):
+    if bias:
         total.add_(_sq_sum_rows(g.reshape(g.shape[0], g.shape[1], -1).sum(2)))
     return total
+
+
+def _conv_weight_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Weight-only squared norms by the Gram form."""
+    return _conv_sq_norms_gram(module, x, g, False)
+
+
+def _conv_weight_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Weight-only squared norms by im2col + batched GEMM."""
+    return _conv_sq_norms_im2col(module, x, g, False)
+
+
+def _conv_weight_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Weight-only squared norms by a grouped weight-gradient convolution."""
+    return _conv_sq_norms_grouped_conv(module, x, g, False)
 
 
 def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, strategy: SequenceStrategy) -> Tensor:
@@ -324,18 +343,19 @@ def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, s
     in_per_group = module.in_channels // groups * math.prod(module.kernel_size)
     out_per_group = module.out_channels // groups
     unfolded = (in_per_group + 1) * groups * positions
+    bias = _conv_with_bias(module)
     allowed = _allowed_methods(_method_costs(positions, in_per_group, out_per_group), strategy)
     candidates = {}
     if "gram" in allowed:
         elements = unfolded + 2 * groups * positions * positions
-        candidates["gram"] = lambda: _conv_chunked(partial(_conv_weight_sq_norms_gram, module), x, g, elements)
+        candidates["gram"] = lambda: _conv_chunked(partial(_conv_sq_norms_gram, module, bias=bias), x, g, elements)
     if "materialize" in allowed:
         elements = unfolded + groups * (in_per_group + 1) * out_per_group
-        candidates["im2col"] = lambda: _conv_chunked(partial(_conv_weight_sq_norms_im2col, module), x, g, elements)
-        candidates["grouped_conv"] = lambda: _in_batch_chunks(partial(_conv_weight_sq_norms_grouped_conv, module), x, g, elements)
+        candidates["im2col"] = lambda: _conv_chunked(partial(_conv_sq_norms_im2col, module, bias=bias), x, g, elements)
+        candidates["grouped_conv"] = lambda: _in_batch_chunks(partial(_conv_sq_norms_grouped_conv, module, bias=bias), x, g, elements)
     key = (
         "conv", module.kernel_size, module.stride, module.padding, module.dilation, groups, module.padding_mode,
-        _conv_with_bias(module), tuple(x.shape), tuple(g.shape), x.dtype, x.device, strategy,
+        bias, tuple(x.shape), tuple(g.shape), x.dtype, x.device, strategy,
     )
     return run_fastest(key, candidates, x.device)
 
@@ -478,16 +498,38 @@ def _sq_norms_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, 
     return sq_norms
 
 
-def _rule_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]], batched_input_dim: int, **save: Callable[[nn.Module, Tensor, Tensor], Any]) -> LayerRule:
-    return LayerRule(_sq_norms_from_per_sample_grads(per_sample_grads), per_sample_grads, batched_input_dim, **save)
+def _rule_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]], batched_input_dim: int, **options: Any) -> LayerRule:
+    return LayerRule(_sq_norms_from_per_sample_grads(per_sample_grads), per_sample_grads, batched_input_dim, **options)
+
+
+def summed_grads(rule: LayerRule, module: nn.Module, saved: Any, g: Tensor) -> dict[str, Tensor]:
+    """:math:`\\sum_i \\nabla \\ell_i` as the rule sees it (for the engine's gradient-sum check), from
+    its per-sample gradients in batch chunks so no temporary exceeds ``_CHUNK_ELEMENTS``."""
+    if not isinstance(saved, Tensor):
+        return {name: grad.sum(0) for name, grad in rule.per_sample_grads(module, saved, g).items()}
+    per_sample = sum(p.numel() for p in module.parameters(recurse=False))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    totals: dict[str, Tensor] = {}
+    for start in range(0, g.shape[0], chunk):
+        for name, grad in rule.per_sample_grads(module, saved[start : start + chunk], g[start : start + chunk]).items():
+            totals[name] = grad.sum(0) if name not in totals else totals[name] + grad.sum(0)
+    return totals
+
+
+def _all_but_last(module: nn.Module, g: Tensor) -> int:
+    return g.dim() - 1
+
+
+def _before_normalized(module: nn.Module, g: Tensor) -> int:
+    return g.dim() - len(module.normalized_shape)
 
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2),
+    nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2, leading_dims=_all_but_last),
     nn.Conv1d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 3),
     nn.Conv2d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 4),
-    nn.Embedding: LayerRule(_embedding_sq_norms, _embedding_per_sample_grads, 1),
-    nn.LayerNorm: _rule_from_per_sample_grads(_layer_norm_per_sample_grads, 2),
+    nn.Embedding: LayerRule(_embedding_sq_norms, _embedding_per_sample_grads, 1, leading_dims=_all_but_last),
+    nn.LayerNorm: _rule_from_per_sample_grads(_layer_norm_per_sample_grads, 2, leading_dims=_before_normalized),
     nn.GroupNorm: _rule_from_per_sample_grads(_group_norm_per_sample_grads, 2, save=_save_group_norm),
     nn.BatchNorm1d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 2),
     nn.BatchNorm2d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 4),
