@@ -256,6 +256,7 @@ class PerSampleNormEngine:
         self._signature: Any = None
         self._verify = self._check != "off"
         self._verified = False
+        self._complete = False
         self._grad_sums: dict[int, Tensor] = {}
         self._actual_grads: dict[int, Tensor] = {}
         self._low_precision = False
@@ -296,18 +297,33 @@ class PerSampleNormEngine:
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._recording():
             return
+        plain_call = not kwargs and all(type(a) is Tensor or type(a) is nn.Parameter for a in args)
         if self._batch_size is None:
-            first = next((leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
+            leaves = args if plain_call else tree_flatten((args, kwargs))[0]
+            first = next((leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
             if first is not None:
                 self._batch_size = int(first.shape[0])
-        self._root = _RootCall({layer.path: layer.calls for layer in self._layers})
+        # where each layer's calls start in this root call (nothing ran yet: the common, first root call)
+        self._root = _RootCall({layer.path: layer.calls for layer in self._layers} if self._layer_calls_seen() else {})
         if self._check == "off":
             return
-        self._signature = batch_axes.signature(module, args, kwargs)
+        self._signature = self._call_signature(module, args, kwargs, plain_call)
         if self._check == "first_call":
             self._root.layout = batch_axes._LAYOUTS.get(module, {}).get(self._signature)
             if self._root.layout is not None and self._root.layout.grads_verified:
                 self._verify = False
+
+    def _layer_calls_seen(self) -> bool:
+        return any(layer.calls for layer in self._layers)
+
+    @staticmethod
+    def _call_signature(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], plain_call: bool) -> Any:
+        """``batch_axes.signature`` (what a cached layout depends on), with a fast path for the usual
+        call ``model(x, ...)`` on tensors only: the same information without flattening a pytree."""
+        if not plain_call:
+            return batch_axes.signature(module, args, kwargs)
+        autocast = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else None
+        return ("tensors", module.training, autocast, tuple((a.shape[1:], a.dtype, a.device) for a in args))
 
     def _after_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         root = self._root
@@ -556,6 +572,7 @@ class PerSampleNormEngine:
             self._grad_sums[pid] = total if previous is None else previous + total
 
     def _record_parameter_grad(self, pid: int, grad: Tensor) -> None:
+        self._complete = False
         self._grad_counts[pid] += 1
         values = grad.coalesce().values() if grad.is_sparse else grad
         self._grad_norms.append(torch.linalg.vector_norm(values.detach()))
@@ -594,6 +611,8 @@ class PerSampleNormEngine:
         return next(p.dtype for p in self._parameters if id(p) == pid)
 
     def _check_complete(self) -> None:
+        if self._complete:  # checked already for this measurement (sq_norms and grad_sum_sq_norm both ask)
+            return
         if not self._grad_counts:
             raise RuntimeError(
                 "no gradient reached the model's trainable parameters while the hooks were attached; "
@@ -619,6 +638,7 @@ class PerSampleNormEngine:
             self._actual_grads, self._grad_sums = {}, {}
             if self._root is not None and self._root.layout is not None and self._check == "first_call":
                 self._root.layout.grads_verified = True
+        self._complete = True
 
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""
