@@ -50,7 +50,7 @@ step"), so no extrapolated number is reported."""
 NOISE_LIMIT, MAX_ATTEMPTS = 1.15, 3
 """A configuration is re-timed (up to MAX_ATTEMPTS, keeping the quietest) while the plain step's
 median exceeds its minimum by more than NOISE_LIMIT: a sign that other jobs shared the cores."""
-ROUND_SECONDS = {"full": 8.0, "quick": 1.0}
+ROUND_SECONDS = {"full": 8.0, "quick": 0.6}
 """Time budget of the interleaved rounds per configuration (the number of rounds follows from it)."""
 
 
@@ -149,7 +149,7 @@ CONFIGS = {
 """(model, batch sizes) timed by a full and by a ``--quick`` run."""
 QUICK_METHODS = ("plain", "gradiv_meter", "gradiv_function", "backpack_batch_l2")
 TRAIN_BATCH_SIZES = {"full": (16, 128), "quick": (128,)}
-TRAIN_SAMPLES = {"full": 2048, "quick": 512}
+TRAIN_SAMPLES = {"full": 2048, "quick": 384}
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -333,10 +333,16 @@ def memory_in_fresh_process(model_name: str, batch_size: int, method: str, threa
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def time_interleaved(steps: dict[str, Callable[[], object]], rounds: int, expensive_rounds: int) -> dict[str, list[float]]:
-    """Time the steps interleaved, one repetition of each per round in rotating order (``times[name][r]``
-    is ``nan`` for a method skipped in round r)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+Times = dict[str, list[float]]
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], rounds: int, expensive_rounds: int) -> tuple[Times, Times]:
+    """Time the steps interleaved, one repetition of each per round in rotating order. Returns wall-clock
+    and process CPU times (``times[name][r]`` is ``nan`` for a method skipped in round r). CPU time does
+    not count the time other jobs held the cores, so its ratios are the steadier ones on a shared
+    machine with one thread (with several threads it also counts OpenMP's spin-waiting)."""
+    wall: Times = {name: [] for name in steps}
+    cpu: Times = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -344,12 +350,14 @@ def time_interleaved(steps: dict[str, Callable[[], object]], rounds: int, expens
         for name in order:
             if name in EXPENSIVE and r >= expensive_rounds:
                 continue
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
-            timed[name] = time.perf_counter() - start
+            timed[name] = time.perf_counter() - start, time.process_time() - start_cpu
         for name in names:
-            times[name].append(timed.get(name, math.nan))
-    return times
+            w, c = timed.get(name, (math.nan, math.nan))
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -371,6 +379,12 @@ def ratio_stats(times: dict[str, list[float]], method: str, baseline: str) -> di
         "paired_ratio_q25": quartiles[0],
         "paired_ratio_q75": quartiles[2],
     }
+
+
+def _cpu_stats(cpu_times: Times, method: str, baseline: str) -> dict[str, float]:
+    stats = ratio_stats(cpu_times, method, baseline)
+    return {"cpu_ratio_to_plain": stats["ratio_to_plain"], "cpu_ratio_of_minima": stats["ratio_of_minima"],
+            "cpu_median_ms": stats["median_ms"]}
 
 
 def _noise(times: dict[str, list[float]], baseline: str = "plain") -> float:
@@ -430,9 +444,9 @@ def run_norms(mode: str, threads: int, memory: bool) -> list[dict[str, object]]:
             attempts = []
             for _ in range(MAX_ATTEMPTS):
                 attempts.append(time_interleaved(steps, rounds, expensive_rounds))
-                if _noise(attempts[-1]) <= NOISE_LIMIT or mode == "quick":
+                if _noise(attempts[-1][0]) <= NOISE_LIMIT or mode == "quick":
                     break
-            times = min(attempts, key=_noise)
+            times, cpu_times = min(attempts, key=lambda attempt: _noise(attempt[0]))
             reference = diversity["gradiv_meter"]
             for method in methods:
                 row: dict[str, object] = {"model": model_name, "batch_size": batch_size, "method": method, "threads": threads}
@@ -441,6 +455,7 @@ def run_norms(mode: str, threads: int, memory: bool) -> list[dict[str, object]]:
                     results.append(row)
                     continue
                 row |= ratio_stats(times, method, "plain")
+                row |= _cpu_stats(cpu_times, method, "plain")
                 row |= {
                     "diversity": diversity[method],
                     "attempts": len(attempts),
@@ -488,15 +503,16 @@ def run_train(mode: str, threads: int) -> list[dict[str, object]]:
             step()
         for name in seconds:
             seconds[name].clear()
-        rounds = max(5, min(40, int((6.0 if mode == "full" else 1.0) / max(sum(_time_once(s) for s in steps.values()), 1e-6))))
+        rounds = max(5, min(40, int((6.0 if mode == "full" else 0.6) / max(sum(_time_once(s) for s in steps.values()), 1e-6))))
         for name in seconds:
             seconds[name].clear()
-        times = time_interleaved(steps, rounds, rounds)
+        times, cpu_times = time_interleaved(steps, rounds, rounds)
         loop = {name: values[-rounds:] for name, values in seconds.items()}  # the training loop alone (History.seconds)
         for name in models:
             row: dict[str, object] = {"model": "conv1d_1-32-32_L40", "batch_size": batch_size, "method": name,
                                       "threads": threads, "samples_per_epoch": samples}
             row |= ratio_stats(times, name, "train")
+            row |= _cpu_stats(cpu_times, name, "train")
             row |= {f"loop_{k}": v for k, v in ratio_stats(loop, name, "train").items() if k != "repetitions"}
             row["plain_median_over_min"] = _noise(times, "train")
             rows.append(row)
@@ -529,7 +545,7 @@ def _print_rows(rows: list[dict[str, object]], baseline: str = "plain") -> None:
     plain_memory = plain.get("peak_extra_rss_mb")
     print(f"\n{rows[0]['model']}  B={rows[0]['batch_size']}  threads={rows[0]['threads']}  {baseline} {plain['median_ms']:.2f} ms"
           f"  (noise: {baseline} median/min {plain['plain_median_over_min']:.2f})")
-    print(f"  {'method':<24} {'median ms':>10} {'ratio':>7} {'min ratio':>9} {'paired q25-q75':>15} {'Δ rel.diff':>11} {'peak MB':>8}")
+    print(f"  {'method':<24} {'median ms':>10} {'ratio':>7} {'min ratio':>9} {'paired q25-q75':>15} {'cpu ratio':>9} {'Δ rel.diff':>11} {'peak MB':>8}")
     for row in rows:
         if "skipped" in row:
             print(f"  {row['method']:<24} skipped: {row['skipped']}")
@@ -538,7 +554,7 @@ def _print_rows(rows: list[dict[str, object]], baseline: str = "plain") -> None:
         memory = row.get("peak_extra_rss_mb")
         print(
             f"  {row['method']:<24} {row['median_ms']:>10.2f} {row['ratio_to_plain']:>7.3f} {row['ratio_of_minima']:>9.3f} "
-            f"{row['paired_ratio_q25']:>7.3f}-{row['paired_ratio_q75']:<7.3f} "
+            f"{row['paired_ratio_q25']:>7.3f}-{row['paired_ratio_q75']:<7.3f} {row['cpu_ratio_to_plain']:>9.3f} "
             f"{'' if diff is None or math.isnan(diff) else f'{diff:.1e}':>11} {'' if memory is None else f'{memory:.0f}':>8}",
             flush=True,
         )
