@@ -662,3 +662,29 @@ def test_every_conv_method_includes_a_trainable_bias(method: str, conv: nn.Modul
     g = 2 * (conv(x) - y.view_as(conv(x))).detach()
     compute = {"gram": rules._conv_sq_norms_gram, "im2col": rules._conv_sq_norms_im2col, "grouped_conv": rules._conv_sq_norms_grouped_conv}[method]
     torch.testing.assert_close(compute(conv, x, g, True), expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+        nn.Conv1d(3, 5, 4, dilation=2, padding=3, bias=False),
+        nn.Conv1d(2, 4, 3, padding="same", dilation=2, padding_mode="reflect"),
+        nn.Conv1d(1, 3, 5, stride=3),
+        nn.Conv1d(6, 6, 2, stride=2, dilation=3, groups=3, padding=2, padding_mode="circular"),
+    ],
+    ids=["stride-groups", "dilation-nobias", "same-reflect", "stride3", "circular-groups"],
+)
+def test_conv1d_shifted_gram_matches_the_per_sample_loop(conv: nn.Module) -> None:
+    """Patch Gram = sum of shifted windows of the channel Gram of the padded input (no im2col)."""
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, 17, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    params = [p for p in conv.parameters()]
+    expected = torch.stack([
+        sum(t.square().sum() for t in torch.autograd.grad(conv(x[i : i + 1]), params, g[i : i + 1])) for i in range(5)
+    ])
+    got = rules._conv1d_sq_norms_shifted_gram(conv, x, g, conv.bias is not None)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    for strategy in ("auto", "gram"):
+        torch.testing.assert_close(rules._conv_sq_norms(conv, x, g, strategy), expected, rtol=1e-9, atol=1e-12)

@@ -307,6 +307,33 @@ def _conv_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> 
     return gram_a.mul_(gram_d).reshape(x.shape[0], -1).sum(1)
 
 
+def _conv1d_sq_norms_shifted_gram(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """Gram form of a Conv1d without unfolding: the patch Gram matrix is a sum of shifted windows of
+    the channel Gram matrix of the padded input,
+
+    .. math:: (A A^\\top)_{ts} = \\sum_k \\sum_c x_{c, st+kd}\\, x_{c, ss+kd} = \\sum_k X_{st+kd,\\, ss+kd},
+              \\qquad X = x_\\text{pad}^\\top x_\\text{pad},
+
+    (stride s, dilation d), which costs :math:`L_\\text{pad}^2 C_\\text{in}/G + k T^2` per sample and group
+    instead of :math:`T^2 C_\\text{in} k / G` and needs no im2col copy."""
+    batch, groups = x.shape[0], module.groups
+    padded = _padded_conv_input(module, x).squeeze(2)  # [B, C, L_pad]
+    (_, kernel), (_, dilation), (_, stride) = _conv_geometry(module)
+    positions = g.shape[-1]
+    xg = padded.view(batch, groups, -1, padded.shape[-1])
+    channel_gram = torch.matmul(xg.transpose(-1, -2), xg)  # [B, G, L_pad, L_pad]
+    span = stride * (positions - 1) + 1
+    gram_a = channel_gram[..., :span:stride, :span:stride].clone()
+    for k in range(1, kernel):
+        offset = k * dilation
+        gram_a.add_(channel_gram[..., offset : offset + span : stride, offset : offset + span : stride])
+    if bias:
+        gram_a.add_(1.0)
+    d = g.reshape(batch, groups, -1, positions)
+    gram_d = torch.matmul(d.transpose(-1, -2), d)
+    return gram_a.mul_(gram_d).reshape(batch, -1).sum(1)
+
+
 def _conv_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
     """‖D_i [A_i; 1]ᵀ‖² per sample by im2col + batched GEMM (the ones row only with ``bias``)."""
     a, d = _conv_factors_with_ones(module, x, g, bias)
@@ -344,11 +371,21 @@ def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, s
     out_per_group = module.out_channels // groups
     unfolded = (in_per_group + 1) * groups * positions
     bias = _conv_with_bias(module)
-    allowed = _allowed_methods(_method_costs(positions, in_per_group, out_per_group), strategy)
+    costs = _method_costs(positions, in_per_group, out_per_group)
+    one_d = x.dim() == 3
+    if one_d:  # shifted Gram (Conv1d only): channel Gram of the padded input, k shifted windows, output Gram
+        padded_length = x.shape[-1] + 2 * (module.padding[0] if not isinstance(module.padding, str) else module.kernel_size[0])
+        costs["shifted_gram"] = padded_length**2 * module.in_channels // groups + (module.kernel_size[0] + out_per_group) * positions**2
+    allowed = _allowed_methods(costs, strategy)
+    if strategy == "gram" and one_d:
+        allowed.add("shifted_gram")
     candidates = {}
     if "gram" in allowed:
         elements = unfolded + 2 * groups * positions * positions
         candidates["gram"] = lambda: _conv_chunked(partial(_conv_sq_norms_gram, module, bias=bias), x, g, elements)
+    if "shifted_gram" in allowed:
+        elements = groups * (x.shape[-1] + 2 * module.kernel_size[0] * module.dilation[0]) ** 2 + 2 * groups * positions * positions
+        candidates["shifted_gram"] = lambda: _conv_chunked(partial(_conv1d_sq_norms_shifted_gram, module, bias=bias), x, g, elements)
     if "materialize" in allowed:
         elements = unfolded + groups * (in_per_group + 1) * out_per_group
         candidates["im2col"] = lambda: _conv_chunked(partial(_conv_sq_norms_im2col, module, bias=bias), x, g, elements)
