@@ -54,6 +54,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- Linear ---------------------------------------------------------------------------------------
 
 
@@ -507,6 +516,35 @@ def test_non_finite_gradients_are_refused() -> None:
 
     with pytest.raises(ValueError, match=r"non-finite per-sample gradient norms for samples \[0, 1\]"):
         per_sample_sq_norms(model, root_loss, torch.randn(2, 3), torch.zeros(2, 1))
+
+
+def test_unknown_check_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"check must be one of \('first_call', 'every_call', 'off'\), got 'sometimes'"):
+        PerSampleNormEngine(nn.Linear(3, 2), check="sometimes")
+
+
+def test_lstm_batch_first_is_measured_not_refused() -> None:
+    """Its h_n is (num_layers, B, H): the old shape check refused it with 'use batch_first=True'."""
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, num_layers=2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.lstm(x)[1][0][-1])
+
+    model = Classifier().double()
+    x, y = torch.randn(5, 6, 3, dtype=torch.float64), classes(5, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = per_sample_sq_norms(model, nn.CrossEntropyLoss(), x, y)
+    expected = torch.stack([
+        sum(g.square().sum() for g in torch.autograd.grad(nn.CrossEntropyLoss()(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())))
+        for i in range(5)
+    ])
+    torch.testing.assert_close(got, expected)
 
 
 def test_unknown_sequence_strategy_is_refused() -> None:

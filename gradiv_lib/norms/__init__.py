@@ -6,7 +6,17 @@ Derived in chapter 2 of the book (book/ch02_computing_fast).
   pass on a batch, ``.grad`` untouched.
 * :class:`DiversityMeter`: the same measurement inside the user's own training step.
 * :class:`PerSampleNormEngine`: the hooks behind both; :data:`LAYER_RULES` lists the layer types with
-  a fast rule (others use a ``torch.func`` fallback with a one-time warning).
+  a fast rule; ``nn.MultiheadAttention`` has a batched rule (``rules_attention.py``); every other layer
+  with parameters (RNN/LSTM/GRU, EmbeddingBag, Conv3d, ConvTranspose, InstanceNorm, custom modules)
+  uses the exact ``torch.func`` fallback (a per-sample loop where ``vmap`` cannot batch the layer),
+  with a one-time warning.
+
+Right or loud: a one-time permutation probe finds each layer's batch axis (``batch_axes.py``), and a
+first-call check that the per-sample gradients add up to the autograd gradient catches parameters
+used where no hook sees them and layers that mix samples (``engine.py``); both raise naming the layer
+or parameter and the way out. Agreement with ``torch.func`` (relative to the largest per-sample
+squared norm; ``tests/test_norms_harness.py``): 1e-6 in float64, 1e-4 in float32, 5e-2 for bfloat16
+and float16 models and under ``torch.autocast`` (the forward pass itself is that coarse).
 """
 
 from gradiv_lib.norms.engine import PerSampleNormEngine

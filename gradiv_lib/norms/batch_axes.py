@@ -32,7 +32,7 @@ noise that is not tied to a sample makes the probe report sample mixing — loud
 from __future__ import annotations
 
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,3 +137,63 @@ def cuda_devices(args: Sequence[Any]) -> list[int]:
     """CUDA device indices among the tensors of a call (for ``fork_rng``)."""
     leaves, _ = tree_flatten(args)
     return sorted({leaf.device.index or 0 for leaf in leaves if isinstance(leaf, Tensor) and leaf.device.type == "cuda"})
+
+
+Run = dict[str, list[tuple[list[Fingerprint], list[Fingerprint]]]]
+"""Fingerprints of one probe forward pass: per layer path, per call, (inputs, outputs)."""
+
+
+def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int, set_run: Callable[[Run | None], None]) -> Layout:
+    """Run ``model`` on the batch and on the batch rolled by one sample, under ``no_grad`` in eval mode
+    with one RNG state for both runs, and resolve the batch axis of every tensor the hooked layers saw.
+
+    ``set_run(run)`` hands the engine's forward hooks the dict to record fingerprints into (``None``
+    when done). Modes, the RNG streams and the fused-attention switch are restored afterwards.
+
+    Raises
+    ------
+    ValueError
+        If a probe forward pass fails (the way out, ``check='off'``, is named).
+    """
+    rolled_args, rolled_kwargs = rolled_inputs(args, kwargs, batch_size)
+    modes = [(m, m.training) for m in model.modules()]
+    devices = cuda_devices((args, kwargs))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    runs: list[Run] = []
+    try:
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)  # the fused eval path skips the submodules' hooks
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            for call_args, call_kwargs in ((args, kwargs), (rolled_args, rolled_kwargs)):
+                torch.set_rng_state(states[0])
+                for d, state in zip(devices, states[1]):
+                    torch.cuda.set_rng_state(state, d)
+                run: Run = {}
+                set_run(run)
+                model(*call_args, **call_kwargs)
+                runs.append(run)
+    except Exception as error:
+        raise ValueError(
+            f"the batch-axis probe (two forward passes of {type(model).__qualname__} in eval mode without autograd, "
+            f"on the batch and on the batch rolled by one sample) failed: {error}. Pass check='off' to skip it "
+            "(batch axes are then read from shapes, and ambiguous shapes are refused)."
+        ) from error
+    finally:
+        set_run(None)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, mode in modes:
+            m.training = mode
+    layout = Layout()
+    first, rolled = runs
+    for path, calls in first.items():
+        other = rolled.get(path, [])
+        if len(other) != len(calls):  # control flow depends on the data: such calls stay unresolved
+            continue
+        for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls, other)):
+            if len(in1) == len(in2) and len(out1) == len(out2):
+                layout.axes[(path, index)] = (
+                    tuple(resolve(a, b) for a, b in zip(in1, in2)),
+                    tuple(resolve(a, b) for a, b in zip(out1, out2)),
+                )
+    return layout

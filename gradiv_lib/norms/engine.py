@@ -41,9 +41,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-from gradiv_lib.norms import batch_axes
+from gradiv_lib.norms import batch_axes, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
 from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
@@ -336,38 +336,11 @@ class PerSampleNormEngine:
 
     def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
         """Run the model on the batch and on the batch rolled by one sample (``batch_axes.py``)."""
-        rolled_args, rolled_kwargs = batch_axes.rolled_inputs(args, kwargs, self._batch_size)
-        modes = [(m, m.training) for m in self._model.modules()]
-        devices = batch_axes.cuda_devices((args, kwargs))
-        runs = []
-        try:
-            self._model.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-                for call_args, call_kwargs in ((args, kwargs), (rolled_args, rolled_kwargs)):
-                    torch.set_rng_state(states[0])
-                    for d, state in zip(devices, states[1]):
-                        torch.cuda.set_rng_state(state, d)
-                    self._probe_run = {}
-                    self._model(*call_args, **call_kwargs)
-                    runs.append(self._probe_run)
-        finally:
-            self._probe_run = None
-            for m, mode in modes:
-                m.training = mode
-        layout = Layout()
-        first, rolled = runs
-        for path, calls in first.items():
-            other = rolled.get(path, [])
-            if len(other) != len(calls):  # control flow depends on the data: such calls stay unresolved
-                continue
-            for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls, other)):
-                if len(in1) == len(in2) and len(out1) == len(out2):
-                    layout.axes[(path, index)] = (
-                        tuple(batch_axes.resolve(a, b) for a, b in zip(in1, in2)),
-                        tuple(batch_axes.resolve(a, b) for a, b in zip(out1, out2)),
-                    )
-        return layout
+
+        def set_run(run: dict[str, list[tuple[list[Any], list[Any]]]] | None) -> None:
+            self._probe_run = run
+
+        return batch_axes.probe(self._model, args, kwargs, self._batch_size, set_run)
 
     def _probe_record(self, layer: _Layer, inputs: list[Any], outputs: list[Any]) -> None:
         prints = [batch_axes.fingerprint(t, self._batch_size) for t in inputs], [batch_axes.fingerprint(t, self._batch_size) for t in outputs]
@@ -432,7 +405,8 @@ class PerSampleNormEngine:
         for index in indices:
             self._check_batch(layer, leaves[index])
         call = self._call_index(layer)
-        warn_fallback_once(module, layer.path)
+        if not rules_attention.supports(module, args, kwargs):
+            warn_fallback_once(module, layer.path)
         saved = _SavedOnce(tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)))
         hook = partial(self._on_fallback_output_grads, layer, self._root, call, saved, indices, len(leaves))
         torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in indices], hook, mode="all")
@@ -542,6 +516,9 @@ class PerSampleNormEngine:
         out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
         in_axes, out_axes = self._fallback_axes(layer, root, index, in_leaves, out_grads, n_out)
         self._low_precision |= any(g.dtype in _HALF for g in out_grads.values())
+        if set(out_grads) == {0} and None not in in_axes[:3] and rules_attention.supports(layer.module, args, kwargs):
+            self._attention_rule(layer, args[:3], in_axes[:3], out_grads[0].movedim(out_axes[0], 0))
+            return
         self._paused = True
         try:
             per_sample = fallback_per_sample_grads(
@@ -557,6 +534,21 @@ class PerSampleNormEngine:
                     self._sq_norm_parts.append(g.reshape(g.shape[0], -1).square().sum(1))
                 if self._verify:
                     self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()})
+        layer.covered = True
+
+    def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor) -> None:
+        """nn.MultiheadAttention by one batched recomputation (``rules_attention.py``)."""
+        materialize = self._materializes(layer)
+        batch_first = tuple(t.movedim(axis, 0) for t, axis in zip(inputs, axes))
+        sq_norms, per_sample, sums = rules_attention.attention_grads(
+            layer.module, set(layer.params), batch_first, delta, self._strategy, materialize, self._verify and not materialize
+        )
+        with torch.no_grad():
+            if materialize:
+                self._add_per_sample_grads(layer, per_sample)
+            else:
+                self._sq_norm_parts.append(sq_norms)
+                self._add_grad_sums(layer, sums)
         layer.covered = True
 
     def _add_per_sample_grads(self, layer: _Layer, grads: dict[str, Tensor]) -> None:

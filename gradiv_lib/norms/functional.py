@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gradiv_lib.norms.engine import PerSampleNormEngine
+from gradiv_lib.norms.engine import Check, PerSampleNormEngine
 from gradiv_lib.norms.loss_scale import LossFn, batch_loss_factor
 from gradiv_lib.norms.rules import SequenceStrategy
 
@@ -71,6 +71,7 @@ def per_sample_sq_norms_and_grad_sum(
     targets: Tensor,
     *,
     sequence_strategy: SequenceStrategy = "auto",
+    check: Check = "first_call",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample squared gradient norms, the squared norm of their sum, and the batch loss.
 
@@ -89,6 +90,9 @@ def per_sample_sq_norms_and_grad_sum(
         The batch, samples along dimension 0.
     sequence_strategy
         ``"auto"``, ``"gram"`` or ``"materialize"`` for sequence Linear layers and convolutions.
+    check
+        When to run the batch-axis probe and the gradient-sum check: ``"first_call"`` (once per model
+        and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`).
 
     Returns
     -------
@@ -103,10 +107,11 @@ def per_sample_sq_norms_and_grad_sum(
     ------
     ValueError
         For an empty batch, mismatched ``inputs``/``targets``, a non-scalar or non-finite loss,
-        non-finite gradients, a model without trainable parameters, or sample-mixing layers.
+        non-finite gradients, a model without trainable parameters, sample-mixing layers, a layer whose
+        batch axis cannot be found, or a parameter used where no hook sees it.
     """
     batch_size = check_batch(inputs, targets)
-    engine = PerSampleNormEngine(model, sequence_strategy=sequence_strategy, batch_size=batch_size)
+    engine = PerSampleNormEngine(model, sequence_strategy=sequence_strategy, batch_size=batch_size, check=check)
     with engine, torch.enable_grad():
         outputs = model(inputs)
         loss = loss_fn(outputs, targets)
@@ -126,11 +131,12 @@ def per_sample_sq_norms(
     targets: Tensor,
     *,
     sequence_strategy: SequenceStrategy = "auto",
+    check: Check = "first_call",
 ) -> Tensor:
     """Per-sample squared gradient norms :math:`\\|\\nabla_w \\ell_i\\|^2`, shape ``[B]``.
 
     One forward and one backward pass; see :func:`per_sample_sq_norms_and_grad_sum` for the
     parameters, conventions and errors.
     """
-    sq_norms, _, _ = per_sample_sq_norms_and_grad_sum(model, loss_fn, inputs, targets, sequence_strategy=sequence_strategy)
+    sq_norms, _, _ = per_sample_sq_norms_and_grad_sum(model, loss_fn, inputs, targets, sequence_strategy=sequence_strategy, check=check)
     return sq_norms

@@ -12,18 +12,32 @@ squared norm of the gradient this backward pass produced. With a mean loss
 refers to the per-sample losses whatever the reduction. ``.grad`` is exactly what it would be
 without the meter, so the optimizer step is unaffected; gradients already accumulated in ``.grad``
 before the backward pass are not counted.
+
+**What a wrong ``loss_reduction`` does, and what the meter can see.** The hooks see the gradient of
+the loss that was back-propagated, so the per-sample gradients they imply always add up to the
+parameter gradient, whatever the reduction: the declaration cannot be checked against ``.grad``. A
+wrong declaration scales ``sq_norms`` and ``sq_norm_of_sum`` by :math:`B^{\\pm 2}` and leaves
+:math:`\\Delta` unchanged. The meter checks the one case it can recognise from gradients alone: a
+2-D output whose gradient rows sum to zero over the classes is a softmax cross-entropy, whose
+per-sample gradient :math:`p_i - q_i` has :math:`\\|p_i - q_i\\|_1 \\le 2`; if the declared ``"mean"``
+makes :math:`\\|B\\,\\delta_i\\|_1 > 2` for some sample, the loss was a sum and the meter warns (class
+weights above 1 can trigger it too, hence a warning, not an error). A ``"sum"`` declared for a mean
+loss, other losses, and sequence outputs cannot be told apart; :func:`~gradiv_lib.norms.per_sample_sq_norms`
+sees the loss function and detects the reduction itself. The check runs on the first measurement
+of a meter (the reduction is a property of the loss, not of the batch), so later steps pay nothing.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from gradiv_lib.diversity import DiversityResult
-from gradiv_lib.norms.engine import PerSampleNormEngine
+from gradiv_lib.norms.engine import Check, PerSampleNormEngine
 from gradiv_lib.norms.functional import check_finite_results
 from gradiv_lib.norms.rules import SequenceStrategy
 
@@ -42,6 +56,9 @@ class DiversityMeter:
         (:math:`\\tfrac1B\\sum_i\\ell_i`, the ``torch.nn`` default) or ``"sum"``.
     sequence_strategy
         ``"auto"``, ``"gram"`` or ``"materialize"`` for sequence Linear layers and convolutions.
+    check
+        When to run the batch-axis probe and the gradient-sum check: ``"first_call"`` (once per model
+        and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`).
 
     Examples
     --------
@@ -55,22 +72,67 @@ class DiversityMeter:
     per micro-batch.
     """
 
-    def __init__(self, model: nn.Module, loss_reduction: Literal["mean", "sum"] = "mean", *, sequence_strategy: SequenceStrategy = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        *,
+        sequence_strategy: SequenceStrategy = "auto",
+        check: Check = "first_call",
+    ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        self._engine = PerSampleNormEngine(model, sequence_strategy=sequence_strategy)
+        self._engine = PerSampleNormEngine(model, sequence_strategy=sequence_strategy, check=check)
+        self._model = model
         self._loss_reduction = loss_reduction
         self._sq_norms: Tensor | None = None
         self._result: DiversityResult | None = None
+        self._output_grad: Tensor | None = None
+        self._handle: Any = None
+        self._reduction_checked = False  # the summed-loss check runs on the first measurement only
 
     def __enter__(self) -> DiversityMeter:
         self._sq_norms = None
         self._result = None
+        self._output_grad = None
         self._engine.__enter__()
+        if self._loss_reduction == "mean" and not self._reduction_checked:
+            self._handle = self._model.register_forward_hook(self._watch_output)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         self._engine.__exit__(*exc_info)
+
+    def _watch_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() == 2 and output.requires_grad and torch.is_grad_enabled():
+            output.register_hook(self._keep_output_grad)
+
+    def _keep_output_grad(self, grad: Tensor) -> None:
+        self._output_grad = grad.detach()
+
+    def _warn_if_summed_cross_entropy(self) -> None:
+        """The softmax cross-entropy signature of a summed loss declared as a mean (module docstring)."""
+        delta = self._output_grad
+        if delta is None or delta.shape[0] < 2:
+            return
+        self._reduction_checked = True  # a property of the loss, not of the batch: once per meter
+        delta = delta.double()
+        rows = delta.abs().sum(1)
+        if float(delta.sum(1).abs().max()) > 1e-6 * float(rows.max()) + 1e-300:
+            return  # not a softmax cross-entropy
+        largest = float(rows.max()) * delta.shape[0]
+        if largest > 2.0 * (1 + 1e-3):
+            warnings.warn(
+                f"DiversityMeter(loss_reduction='mean'): the model output's gradient looks like a softmax "
+                f"cross-entropy, whose per-sample gradient p - q has L1 norm at most 2, but B·δ reaches {largest:.3g}: "
+                "the loss is probably a sum over samples (reduction='sum'); declare loss_reduction='sum' (Δ is "
+                "unaffected, sq_norms and sq_norm_of_sum are B² too large). Class weights above 1 also cause this.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _factor(self, batch_size: int) -> float:
         """c in L = (1/c) Σ ℓ_i: per-sample gradients are c times what the hooks see."""
@@ -80,6 +142,7 @@ class DiversityMeter:
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms :math:`\\|\\nabla_w \\ell_i\\|^2`, shape ``[B]``."""
         if self._sq_norms is None:
+            self._warn_if_summed_cross_entropy()
             seen = self._engine.sq_norms()
             self._sq_norms = seen * self._factor(seen.shape[0]) ** 2
         return self._sq_norms
@@ -96,6 +159,7 @@ class DiversityMeter:
             If gradients are not finite, or some parameter's gradient was produced outside a hooked layer.
         """
         if self._result is None:
+            self._warn_if_summed_cross_entropy()
             seen = self._engine.sq_norms()
             scale = self._factor(seen.shape[0]) ** 2
             # Python floats straight away (two conversions in all); the squared norms are >= 0, so their

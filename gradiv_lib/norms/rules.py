@@ -19,7 +19,7 @@ per-sample parameter gradient is a function of :math:`(a_i, \\delta_i)` alone:
   times the methods whose modelled cost is within 4x of the cheapest on the first call for a shape
   and keeps the fastest (``fastest.py``).
 * Embedding: the rows of :math:`\\nabla_E \\ell_i` are :math:`\\sum_{t: x_t = v} \\delta_t`.
-* LayerNorm, GroupNorm, eval-mode BatchNorm: :math:`\\nabla_\\gamma \\ell_i = \\sum \\hat x_i \\odot
+* LayerNorm, GroupNorm, InstanceNorm, eval-mode BatchNorm: :math:`\\nabla_\\gamma \\ell_i = \\sum \\hat x_i \\odot
   \\delta_i`, :math:`\\nabla_\\beta \\ell_i = \\sum \\delta_i` over the axes the affine parameters
   are broadcast along.
 
@@ -523,6 +523,22 @@ def _eval_batch_norm_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor) -
     return grads
 
 
+def _instance_norm_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """γ, β per channel of [B, C, *]: sums of x̂ ⊙ δ and δ over the spatial axes, with x̂ normalised by
+    the sample's own statistics, or by the running ones in eval mode with ``track_running_stats``."""
+    batch, channels = g.shape[0], g.shape[1]
+    g = _working_precision(g).reshape(batch, channels, -1)
+    grads = {}
+    if _trainable(module.weight):
+        use_input_stats = module.training or not module.track_running_stats
+        running = (None, None) if use_input_stats else (module.running_mean, module.running_var)
+        xhat = F.instance_norm(_working_precision(x), *running, use_input_stats=use_input_stats, eps=module.eps)
+        grads["weight"] = torch.linalg.vecdot(xhat.reshape(batch, channels, -1), g)
+    if _trainable(module.bias):
+        grads["bias"] = g.sum(2)
+    return grads
+
+
 def _sq_norms_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tensor], dict[str, Tensor]]) -> Callable[[nn.Module, Any, Tensor, SequenceStrategy], Tensor]:
     """For layers whose per-sample gradients are small (B × channels), norms are taken from them."""
 
@@ -542,6 +558,17 @@ def _rule_from_per_sample_grads(per_sample_grads: Callable[[nn.Module, Any, Tens
 def summed_grads(rule: LayerRule, module: nn.Module, saved: Any, g: Tensor) -> dict[str, Tensor]:
     """:math:`\\sum_i \\nabla \\ell_i` as the rule sees it (for the engine's gradient-sum check), from
     its per-sample gradients in batch chunks so no temporary exceeds ``_CHUNK_ELEMENTS``."""
+    if type(module) is nn.Linear:  # Σ_i δ_iᵀ a_i is one GEMM over all rows
+        a, d = _working_precision(saved), _working_precision(g)
+        a, d = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+        sums = {"weight": d.T @ a, "bias": d.sum(0)}
+        return {name: sums[name] for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if type(module) is nn.Embedding:  # rows of δ added at their token ids
+        if not _trainable(module.weight):
+            return {}
+        keys, rows = _embedding_rows(module, saved, g)
+        ids = torch.remainder(keys, module.num_embeddings)
+        return {"weight": rows.new_zeros(module.weight.shape).index_add_(0, ids, rows)}
     if not isinstance(saved, Tensor):
         return {name: grad.sum(0) for name, grad in rule.per_sample_grads(module, saved, g).items()}
     per_sample = sum(p.numel() for p in module.parameters(recurse=False))
@@ -571,5 +598,8 @@ LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.BatchNorm1d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 2),
     nn.BatchNorm2d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 4),
     nn.BatchNorm3d: _rule_from_per_sample_grads(_eval_batch_norm_per_sample_grads, 5),
+    nn.InstanceNorm1d: _rule_from_per_sample_grads(_instance_norm_per_sample_grads, 3),
+    nn.InstanceNorm2d: _rule_from_per_sample_grads(_instance_norm_per_sample_grads, 4),
+    nn.InstanceNorm3d: _rule_from_per_sample_grads(_instance_norm_per_sample_grads, 5),
 }
 """Rules by exact module type (subclasses may change ``forward``, so they use the fallback)."""
