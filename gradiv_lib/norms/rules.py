@@ -337,7 +337,7 @@ def _conv1d_sq_norms_shifted_gram(module: nn.Module, x: Tensor, g: Tensor, bias:
 def _conv_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
     """‖D_i [A_i; 1]ᵀ‖² per sample by im2col + batched GEMM (the ones row only with ``bias``)."""
     a, d = _conv_factors_with_ones(module, x, g, bias)
-    return _sq_sum_rows(torch.matmul(d, a.transpose(-1, -2)))
+    return _sq_sum_rows(torch.matmul(a, d.transpose(-1, -2)))  # [A; 1] Dᵀ: the faster orientation for MKL here
 
 
 def _conv_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
