@@ -69,14 +69,18 @@ def _timed(step: Callable[[], object], device: torch.device, repeats: int) -> tu
 # --- 1. the harness ---------------------------------------------------------------------------------
 
 
-def run_harness(device: torch.device, smoke: bool) -> dict:
+def run_harness(device: torch.device, smoke: bool, timeout: float = 420.0) -> dict:
     """pytest on the harness with GRADIV_NORMS_DEVICES set to this device (a small subset in smoke mode)."""
     command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_norms_harness.py"), "-q", "-p", "no:cacheprovider"]
     if smoke:
         command += ["-k", "test_layer_against_torch_func and lstm_seq_first and float64"]
     env = {**os.environ, "GRADIV_NORMS_DEVICES": device.type, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        return {"returncode": "timeout", "summary": f"harness did not finish in {timeout} s", "seconds": time.perf_counter() - start,
+                "output_tail": (expired.stdout or b"")[-4000:].decode(errors="replace") if isinstance(expired.stdout, bytes) else str(expired.stdout)[-4000:]}
     lines = completed.stdout.strip().splitlines()
     return {"returncode": completed.returncode, "summary": lines[-1] if lines else "", "seconds": time.perf_counter() - start,
             "output_tail": "\n".join(lines[-40:]) + completed.stderr[-2000:]}
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cpu", action="store_true", help="without CUDA, run a tiny CPU smoke version instead of exiting")
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per method (default 20)")
     parser.add_argument("--skip-harness", action="store_true", help="do not run the harness (benchmarks only)")
+    parser.add_argument("--harness-timeout", type=float, default=420.0, help="seconds allowed for the harness (default 420)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny tensors on a possibly shared CPU
     report: dict = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(), "smoke": smoke, "environment": _environment(device)}
     ok = True
-    stages = [("harness", lambda: run_harness(device, smoke))] if not args.skip_harness else []
+    stages = [("harness", lambda: run_harness(device, smoke, args.harness_timeout))] if not args.skip_harness else []
     stages += [
         ("training", lambda: run_training(device, smoke)),
         ("simulator", lambda: run_simulator(device, smoke)),

@@ -20,7 +20,7 @@ from gradiv_lib.norms import (
 )
 from gradiv_lib.norms import fallback, rules
 
-TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 def reference(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

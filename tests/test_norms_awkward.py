@@ -256,3 +256,15 @@ def test_meter_warns_when_a_summed_cross_entropy_is_declared_a_mean() -> None:
         nn.CrossEntropyLoss(reduction="sum")(model(x), y).backward()
     with pytest.warns(UserWarning, match=r"loss is probably a sum over samples .* declare loss_reduction='sum'"):
         meter.result
+
+
+def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
+    """Two samples with opposite gradients: ∇L is rounding noise, the per-sample norms are not."""
+    model = nn.Linear(3, 1, bias=False)
+    x = torch.randn(1, 3).repeat(2, 1)
+    with torch.no_grad():
+        prediction = model(x[:1])
+    y = torch.cat([prediction - 1.0, prediction + 1.0])
+    sq_norms, sq_norm_of_sum, _ = per_sample_sq_norms_and_grad_sum(model, nn.MSELoss(reduction="sum"), x, y, check="every_call")
+    torch.testing.assert_close(sq_norms, (2 * x).square().sum(1))
+    assert float(sq_norm_of_sum) < 1e-8 * float(sq_norms.sum())

@@ -17,11 +17,14 @@ reference on the same, rounded, weights and inputs):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 import torch
@@ -348,8 +351,31 @@ def test_every_conv_method_on_random_geometry(config: dict, seed: int, dtype: to
     y = torch.randn(batch, out[0].numel(), dtype=torch.float64)
     model, x, y = model.to(dtype), x.to(dtype), y.to(dtype)
     expected = reference_sq_norms(_reference_model(model), nn.MSELoss(reduction="sum"), x.double(), y.double())
-    got, _, _ = per_sample_sq_norms_and_grad_sum(model, nn.MSELoss(reduction="sum"), x, y)
-    assert_norms_close(got, expected, TOLERANCE["float64" if dtype == torch.float64 else "float32"], "engine")
+    tolerance = TOLERANCE["float64" if dtype == torch.float64 else "float32"]
+    with every_candidate_checked(tolerance):
+        for strategy in SEQ:
+            got, _, _ = per_sample_sq_norms_and_grad_sum(model, nn.MSELoss(reduction="sum"), x, y, sequence_strategy=strategy)
+            assert_norms_close(got, expected, tolerance, f"engine ({strategy})")
+
+
+@contextlib.contextmanager
+def every_candidate_checked(tolerance: float):
+    """Inside, every timing race runs all its candidates and asserts they agree to ``tolerance``
+    (whatever methods the rules put in the race, so a new method is covered without a test edit)."""
+    race = fastest.run_fastest
+
+    def run_all(key, candidates, device):
+        values = {name: candidate() for name, candidate in candidates.items()}
+        first = next(iter(values.values())).double()
+        for name, value in values.items():
+            assert_norms_close(value, first, tolerance, f"race candidate {name!r} for {key}")
+        return race(key, candidates, device)
+
+    users = [m for name, m in list(sys.modules.items()) if name.startswith("gradiv_lib.norms") and getattr(m, "run_fastest", None) is race]
+    with contextlib.ExitStack() as stack:
+        for module in users:
+            stack.enter_context(mock.patch.object(module, "run_fastest", run_all))
+        yield
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -370,9 +396,11 @@ def test_linear_on_random_shapes(batch: int, positions: int | None, seq_first: b
     x = torch.randn(batch, d_in, dtype=dtype) if positions is None else torch.randn(batch, positions, d_in, dtype=dtype)
     model(x)
     y = torch.randint(0, 3, (batch,))
-    got, _, _ = per_sample_sq_norms_and_grad_sum(model, nn.CrossEntropyLoss(), x, y, sequence_strategy=strategy)
+    tolerance = TOLERANCE["float64" if dtype == torch.float64 else "float32"]
+    with every_candidate_checked(tolerance):
+        got, _, _ = per_sample_sq_norms_and_grad_sum(model, nn.CrossEntropyLoss(), x, y, sequence_strategy=strategy)
     expected = reference_sq_norms(_reference_model(model), nn.CrossEntropyLoss(), x.double(), y)
-    assert_norms_close(got, expected, TOLERANCE["float64" if dtype == torch.float64 else "float32"])
+    assert_norms_close(got, expected, tolerance)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

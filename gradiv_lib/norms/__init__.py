@@ -19,13 +19,14 @@ squared norm; ``tests/test_norms_harness.py``): 1e-6 in float64, 1e-4 in float32
 and float16 models and under ``torch.autocast`` (the forward pass itself is that coarse).
 """
 
-from gradiv_lib.norms.engine import PerSampleNormEngine
+from gradiv_lib.norms.engine import Check, PerSampleNormEngine
 from gradiv_lib.norms.functional import per_sample_sq_norms, per_sample_sq_norms_and_grad_sum
 from gradiv_lib.norms.loss_scale import batch_loss_factor, per_sample_losses
 from gradiv_lib.norms.meter import DiversityMeter
 from gradiv_lib.norms.rules import LAYER_RULES, SequenceStrategy
 
 __all__ = [
+    "Check",
     "DiversityMeter",
     "LAYER_RULES",
     "PerSampleNormEngine",

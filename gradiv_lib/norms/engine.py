@@ -258,6 +258,7 @@ class PerSampleNormEngine:
         self._verified = False
         self._complete = False
         self._grad_sums: dict[int, Tensor] = {}
+        self._spreads: dict[int, Tensor] = {}
         self._actual_grads: dict[int, Tensor] = {}
         self._low_precision = False
         for layer in self._layers:
@@ -500,9 +501,10 @@ class PerSampleNormEngine:
             if self._materializes(layer):
                 self._add_per_sample_grads(layer, rule.per_sample_grads(module, saved, grad_output))
             else:
-                self._sq_norm_parts.append(rule.sq_norms(module, saved, grad_output, self._strategy))
+                sq_norms = rule.sq_norms(module, saved, grad_output, self._strategy)
+                self._sq_norm_parts.append(sq_norms)
                 if self._verify:
-                    self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output))
+                    self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output), sq_norms)
         layer.covered = True
 
     def _on_fallback_output_grads(
@@ -530,10 +532,10 @@ class PerSampleNormEngine:
             if self._materializes(layer):
                 self._add_per_sample_grads(layer, per_sample)
             else:
-                for g in per_sample.values():
-                    self._sq_norm_parts.append(g.reshape(g.shape[0], -1).square().sum(1))
+                sq_norms = sum(g.reshape(g.shape[0], -1).square().sum(1) for g in per_sample.values())
+                self._sq_norm_parts.append(sq_norms)
                 if self._verify:
-                    self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()})
+                    self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()}, sq_norms)
         layer.covered = True
 
     def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor) -> None:
@@ -548,7 +550,7 @@ class PerSampleNormEngine:
                 self._add_per_sample_grads(layer, per_sample)
             else:
                 self._sq_norm_parts.append(sq_norms)
-                self._add_grad_sums(layer, sums)
+                self._add_grad_sums(layer, sums, sq_norms)
         layer.covered = True
 
     def _add_per_sample_grads(self, layer: _Layer, grads: dict[str, Tensor]) -> None:
@@ -557,11 +559,14 @@ class PerSampleNormEngine:
             previous = self._per_sample_grads.get(pid)
             self._per_sample_grads[pid] = g if previous is None else previous + g
 
-    def _add_grad_sums(self, layer: _Layer, sums: dict[str, Tensor]) -> None:
+    def _add_grad_sums(self, layer: _Layer, sums: dict[str, Tensor], sq_norms: Tensor) -> None:
+        """Record Σ_i g_i per parameter, and Σ_i ‖g_i‖² of its layer (the scale rounding works on)."""
+        spread = sq_norms.double().sum()
         for name, total in sums.items():
             pid = id(layer.params[name])
             previous = self._grad_sums.get(pid)
             self._grad_sums[pid] = total if previous is None else previous + total
+            self._spreads[pid] = spread if pid not in self._spreads else self._spreads[pid] + spread
 
     def _record_parameter_grad(self, pid: int, grad: Tensor) -> None:
         self._complete = False
@@ -574,16 +579,21 @@ class PerSampleNormEngine:
     # --- results ---------------------------------------------------------------------------------
 
     def _check_grad_sums(self) -> None:
-        """Σ_i (per-sample gradients the hooks imply) must equal the gradient autograd produced."""
+        """Σ_i (per-sample gradients the hooks imply) must equal the gradient autograd produced, to a
+        tolerance relative to ‖∇L‖ + (Σ_i ‖g_i‖²)^½ of the layer: near a minimum ∇L is small while the
+        rounding of both sums scales with the per-sample gradients."""
         sums = dict(self._grad_sums)
+        spreads = dict(self._spreads)
         for pid, g in self._per_sample_grads.items():
             sums[pid] = g.sum(0)
+            spreads[pid] = g.double().square().sum()
         for pid, actual in self._actual_grads.items():
             implied = sums.get(pid)
             if implied is None:
                 continue
             actual = (actual.to_dense() if actual.is_sparse else actual).double()
-            scale = float(torch.linalg.vector_norm(actual))
+            norm = float(torch.linalg.vector_norm(actual))
+            scale = norm + float(spreads[pid]) ** 0.5
             error = float(torch.linalg.vector_norm(implied.double().reshape(actual.shape) - actual))
             low = self._low_precision or actual.dtype in _HALF
             tolerance = 5e-2 if low else GRAD_SUM_TOLERANCE.get(self._parameters_dtype(pid), 1e-3)
@@ -591,8 +601,8 @@ class PerSampleNormEngine:
                 name = self._parameter_names[pid]
                 raise ValueError(
                     f"parameter '{name}' received a gradient that the per-sample hooks do not explain: the sum over "
-                    f"samples of the per-sample gradients differs from the autograd gradient by {error / max(scale, 1e-300):.3g} "
-                    f"of its norm (tolerance {tolerance:g}). It is used outside its module's forward (e.g. x @ {name}.T "
+                    f"samples of the per-sample gradients differs from the autograd gradient by {error / max(norm, 1e-300):.3g} "
+                    f"of its norm (tolerance {tolerance:g} of the gradient's and per-sample gradients' scale). It is used outside its module's forward (e.g. x @ {name}.T "
                     f"or F.linear(x, {name})), or its layer mixes samples. Use it only through modules (tying it to an "
                     "nn.Linear / nn.Embedding weight is fine: shared parameters are handled), or move the code that "
                     "uses it into a small custom module so the torch.func fallback sees every use; check='off' skips "
@@ -627,7 +637,7 @@ class PerSampleNormEngine:
         if self._verify and not self._verified:
             self._check_grad_sums()
             self._verified = True
-            self._actual_grads, self._grad_sums = {}, {}
+            self._actual_grads, self._grad_sums, self._spreads = {}, {}, {}
             if self._root is not None and self._root.layout is not None and self._check == "first_call":
                 self._root.layout.grads_verified = True
         self._complete = True
