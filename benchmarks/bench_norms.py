@@ -4,13 +4,16 @@ Derived in chapter 2 of the book (book/ch02_computing_fast).
 
 Every method computes Δ = Σ‖∇ℓ_i‖² / ‖Σ∇ℓ_i‖² of the same batch with the same weights and ends its
 timed region with Δ as a Python float; the baseline is ``zero_grad`` + forward + mean loss + backward.
-Methods run interleaved (one repetition of each, in rotating order, per round) and the table
-reports median times and median/median ratios. Peak memory is measured per method in a fresh
-process: peak RSS (VmHWM, reset after setup) minus RSS after building the model and batch.
+Methods run interleaved (one repetition of each, in rotating order, per round) at every thread count
+asked for (default: one thread and the machine's default); the table reports median/median and
+min/min ratios, and the spread of the per-round paired ratios as the noise level. A second table
+times ``gradiv_lib.train(..., measure_diversity=True)`` against the same ``train()`` without it.
+Peak memory (optional) is measured per method in a fresh process: peak RSS (VmHWM, reset after
+setup) minus RSS after building the model and batch.
 
 Usage::
 
-    python benchmarks/bench_norms.py [--quick] [--threads 1] [--name benchmarks/norms_cpu] [--out ROOT]
+    python benchmarks/bench_norms.py [--quick] [--threads 1,2] [--memory] [--name benchmarks/norms_cpu] [--out ROOT]
 """
 
 from __future__ import annotations
@@ -40,11 +43,15 @@ from gradiv_lib.norms import DiversityMeter
 Step = Callable[[], float]
 EXPENSIVE = {"vmap_grad", "loop", "opacus_grad_sample"}
 """Methods timed in fewer rounds (they materialise B×P floats or run B backward passes)."""
-LOOP_SAMPLES = 16
-"""The per-sample loop runs this many samples and is extrapolated linearly to the batch."""
+LOOP_MAX_BATCH = 32
+"""The per-sample loop runs on the whole batch, and only up to this batch size: a loop timed on a few
+samples and extrapolated to a large batch produced artefacts (a "CNN B=512 loop at 0.88× a batched
+step"), so no extrapolated number is reported."""
 NOISE_LIMIT, MAX_ATTEMPTS = 1.15, 3
 """A configuration is re-timed (up to MAX_ATTEMPTS, keeping the quietest) while the plain step's
 median exceeds its minimum by more than NOISE_LIMIT: a sign that other jobs shared the cores."""
+ROUND_SECONDS = {"full": 8.0, "quick": 0.6}
+"""Time budget of the interleaved rounds per configuration (the number of rounds follows from it)."""
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -52,6 +59,15 @@ median exceeds its minimum by more than NOISE_LIMIT: a sign that other jobs shar
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def cnn_maxpool() -> nn.Module:
+    """A plain CIFAR-shaped CNN: two 3×3 convolutions with ReLU and max-pooling, then a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
 
 
 def cnn() -> nn.Module:
@@ -75,11 +91,65 @@ def sequence_model() -> nn.Module:
     )
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention from four Linear layers (every parameter sits in a layer with a rule)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, positions, width = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(batch, positions, self.heads, width // self.heads).transpose(1, 2)
+
+        attended = nn.functional.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
+        return self.out(attended.transpose(1, 2).reshape(batch, positions, width))
+
+
+class EncoderBlock(nn.Module):
+    """A pre-LayerNorm transformer encoder block (d = 128, 4 heads, FFN 512), mean-pooled linear head."""
+
+    def __init__(self, width: int = 128, heads: int = 4, hidden: int = 512, classes: int = 10) -> None:
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(width), SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        x = x + self.ffn(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+def conv1d_net() -> nn.Module:
+    """A small Conv1d network for 40-sample signals (the shape of MNIST-1D)."""
+    return nn.Sequential(
+        nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Flatten(), nn.Linear(32 * 10, 10),
+    )
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], Tensor]]] = {
     "mlp_784-512-512-10": (mlp, lambda b: torch.randn(b, 784)),
+    "cnn_3-32-64_maxpool_32x32": (cnn_maxpool, lambda b: torch.randn(b, 3, 32, 32)),
     "cnn_3-32-64_gn_32x32": (cnn, lambda b: torch.randn(b, 3, 32, 32)),
     "seq_emb-ln-ffn_T64": (sequence_model, lambda b: torch.randint(0, 1000, (b, 64))),
+    "seq_encoder-block_d128_T64": (EncoderBlock, lambda b: torch.randn(b, 64, 128)),
 }
+CONFIGS = {
+    "full": [("mlp_784-512-512-10", (32, 128, 512)), ("cnn_3-32-64_maxpool_32x32", (32, 128, 512)),
+             ("cnn_3-32-64_gn_32x32", (32, 128)), ("seq_emb-ln-ffn_T64", (32, 128)), ("seq_encoder-block_d128_T64", (32, 128))],
+    "quick": [("mlp_784-512-512-10", (128,)), ("cnn_3-32-64_maxpool_32x32", (32,))],
+}
+"""(model, batch sizes) timed by a full and by a ``--quick`` run."""
+QUICK_METHODS = ("plain", "gradiv_meter", "gradiv_function", "backpack_batch_l2")
+TRAIN_BATCH_SIZES = {"full": (16, 128), "quick": (128,)}
+TRAIN_SAMPLES = {"full": 2048, "quick": 384}
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -134,8 +204,10 @@ def vmap_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
 
 
 def loop_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
-    """Per-sample backward passes over the first LOOP_SAMPLES samples (Δ only when that is the batch)."""
-    criterion, count = _criterion(), min(LOOP_SAMPLES, x.shape[0])
+    """One backward pass per sample over the whole batch (only for B <= LOOP_MAX_BATCH)."""
+    if x.shape[0] > LOOP_MAX_BATCH:
+        raise NotImplementedError(f"not timed for B > {LOOP_MAX_BATCH} (B backward passes; no extrapolation)")
+    criterion, count = _criterion(), x.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> float:
@@ -144,7 +216,7 @@ def loop_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
             grads = torch.autograd.grad(criterion(model(x[i : i + 1]), y[i : i + 1]), params)
             total += float(sum(g.square().sum() for g in grads))
             torch._foreach_add_(grad_sum, grads)
-        return total / float(sum(g.square().sum() for g in grad_sum)) if count == x.shape[0] else math.nan
+        return total / float(sum(g.square().sum() for g in grad_sum))
 
     return step
 
@@ -261,23 +333,63 @@ def memory_in_fresh_process(model_name: str, batch_size: int, method: str, threa
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def time_methods(steps: dict[str, Step], rounds: int, expensive_rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Warm up, record Δ, then time the methods interleaved in rotating order."""
-    diversity = {}
-    for name, step in steps.items():
-        diversity[name] = step()
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+Times = dict[str, list[float]]
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], rounds: int, expensive_rounds: int) -> tuple[Times, Times]:
+    """Time the steps interleaved, one repetition of each per round in rotating order. Returns wall-clock
+    and process CPU times (``times[name][r]`` is ``nan`` for a method skipped in round r). CPU time does
+    not count the time other jobs held the cores, so its ratios are the steadier ones on a shared
+    machine with one thread (with several threads it also counts OpenMP's spin-waiting)."""
+    wall: Times = {name: [] for name in steps}
+    cpu: Times = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
+        timed = {}
         for name in order:
             if name in EXPENSIVE and r >= expensive_rounds:
                 continue
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times, diversity
+            timed[name] = time.perf_counter() - start, time.process_time() - start_cpu
+        for name in names:
+            w, c = timed.get(name, (math.nan, math.nan))
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def ratio_stats(times: dict[str, list[float]], method: str, baseline: str) -> dict[str, float]:
+    """Median/median and min/min ratios, and the quartiles of the per-round paired ratios (the noise)."""
+    mine, base = _finite(times[method]), _finite(times[baseline])
+    paired = sorted(a / b for a, b in zip(times[method], times[baseline]) if not (math.isnan(a) or math.isnan(b)))
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
+    return {
+        "median_ms": 1e3 * statistics.median(mine),
+        "min_ms": 1e3 * min(mine),
+        "repetitions": len(mine),
+        "ratio_to_plain": statistics.median(mine) / statistics.median(base),
+        "ratio_of_minima": min(mine) / min(base),
+        "paired_ratio_median": statistics.median(paired),
+        "paired_ratio_q25": quartiles[0],
+        "paired_ratio_q75": quartiles[2],
+    }
+
+
+def _cpu_stats(cpu_times: Times, method: str, baseline: str) -> dict[str, float]:
+    stats = ratio_stats(cpu_times, method, baseline)
+    return {"cpu_ratio_to_plain": stats["ratio_to_plain"], "cpu_ratio_of_minima": stats["ratio_of_minima"],
+            "cpu_median_ms": stats["median_ms"]}
+
+
+def _noise(times: dict[str, list[float]], baseline: str = "plain") -> float:
+    values = _finite(times[baseline])
+    return statistics.median(values) / min(values)
 
 
 def available(method: str, model_name: str, batch_size: int) -> tuple[Step | None, str]:
@@ -292,7 +404,7 @@ def available(method: str, model_name: str, batch_size: int) -> tuple[Step | Non
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-def machine_info(threads: int) -> dict[str, object]:
+def machine_info(threads: list[int]) -> dict[str, object]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     return {
         "cpu_model": cpu,
@@ -303,113 +415,184 @@ def machine_info(threads: int) -> dict[str, object]:
         "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": os.getloadavg(),
-        "note": "2-vCPU VM possibly shared with other jobs; ratios are medians of interleaved repetitions",
+        "note": "2-vCPU VM possibly shared with other jobs; every row carries the torch thread count it ran at "
+                "('threads'); ratios are medians of interleaved repetitions",
     }
 
 
-def run(quick: bool, threads: int, memory: bool) -> dict[str, object]:
-    batch_sizes = (32, 128) if quick else (32, 128, 512)
-    info = machine_info(threads)
+def _rounds(steps: dict[str, Step], budget: float, expensive_rounds: int) -> int:
+    """Rounds that fit the time budget, from one timed call of every cheap method (5 to 200)."""
+    per_round = sum(_time_once(step) for name, step in steps.items() if name not in EXPENSIVE)
+    return max(5, min(200, int(budget / max(per_round, 1e-6))))
+
+
+def run_norms(mode: str, threads: int, memory: bool) -> list[dict[str, object]]:
     results = []
-    for model_name in MODELS:
+    methods = QUICK_METHODS if mode == "quick" else tuple(METHODS)
+    expensive_rounds = 3 if mode == "quick" else 5
+    for model_name, batch_sizes in CONFIGS[mode]:
         for batch_size in batch_sizes:
-            steps, skipped = {}, {}
-            for method in METHODS:
+            steps, skipped, diversity = {}, {}, {}
+            for method in methods:
                 step, reason = available(method, model_name, batch_size)
                 if step is None:
                     skipped[method] = reason
                 else:
                     steps[method] = step
-            plain_ms = 1e3 * statistics.median([_time_once(steps["plain"]) for _ in range(3)])
-            rounds = max(5, min(60, int(6000 / max(plain_ms, 1e-3)))) if not quick else 5
+                    diversity[method] = step()  # second warm-up call, Δ recorded (the correctness gate)
+            rounds = _rounds(steps, ROUND_SECONDS[mode], expensive_rounds)
             attempts = []
             for _ in range(MAX_ATTEMPTS):
-                attempts.append(time_methods(steps, rounds, expensive_rounds=3 if quick else 5))
-                if _noise(attempts[-1][0]) <= NOISE_LIMIT:
+                started = time.perf_counter()
+                attempts.append(time_interleaved(steps, rounds, expensive_rounds))
+                # re-time a noisy configuration only when an attempt is cheap (keeps a full run bounded)
+                if _noise(attempts[-1][0]) <= NOISE_LIMIT or mode == "quick" or time.perf_counter() - started > 20:
                     break
-            times, diversity = min(attempts, key=lambda attempt: _noise(attempt[0]))
-            plain_median = statistics.median(times["plain"])
+            times, cpu_times = min(attempts, key=lambda attempt: _noise(attempt[0]))
             reference = diversity["gradiv_meter"]
-            for method in METHODS:
-                row: dict[str, object] = {"model": model_name, "batch_size": batch_size, "method": method}
+            for method in methods:
+                row: dict[str, object] = {"model": model_name, "batch_size": batch_size, "method": method, "threads": threads}
                 if method in skipped:
                     row["skipped"] = skipped[method]
                     results.append(row)
                     continue
-                scale = batch_size / min(LOOP_SAMPLES, batch_size) if method == "loop" else 1.0
-                median = statistics.median(times[method]) * scale
+                row |= ratio_stats(times, method, "plain")
+                row |= _cpu_stats(cpu_times, method, "plain")
                 row |= {
-                    "median_ms": 1e3 * median,
-                    "min_ms": 1e3 * min(times[method]) * scale,
-                    "repetitions": len(times[method]),
-                    "ratio_to_plain": median / plain_median,
-                    "ratio_of_minima": min(times[method]) * scale / min(times["plain"]),
                     "diversity": diversity[method],
                     "attempts": len(attempts),
                     "plain_median_over_min": _noise(times),
                     "diversity_rel_diff_to_gradiv": abs(diversity[method] - reference) / reference if method != "plain" else None,
                 }
-                if method == "loop" and scale != 1.0:
-                    row["note"] = f"ran {LOOP_SAMPLES} of {batch_size} samples, time extrapolated x{scale:g}; no Δ"
-                if memory and (not quick or method in ("plain", "gradiv_meter")):
+                if memory and (mode == "full" or method in ("plain", "gradiv_meter")):
                     row |= memory_in_fresh_process(model_name, batch_size, method, threads)
                 results.append(row)
             _print_rows([r for r in results if r["model"] == model_name and r["batch_size"] == batch_size])
+    return results
+
+
+# --- train() with and without the diversity measurement -------------------------------------------
+
+
+def run_train(mode: str, threads: int) -> list[dict[str, object]]:
+    """One epoch of ``gradiv_lib.train`` on a Conv1d net over 40-sample signals, with and without
+    ``measure_diversity=True``, interleaved; the same model object per variant across rounds (so the
+    engine's one-time work per model is warm-up, as in a long run)."""
+    from gradiv_lib.train import train
+
+    rows = []
+    samples = TRAIN_SAMPLES[mode]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 1, 40, generator=generator)
+    y = torch.randint(0, 10, (samples,), generator=generator)
+    for batch_size in TRAIN_BATCH_SIZES[mode]:
+        torch.manual_seed(0)
+        base = conv1d_net()
+        models = {"train": copy.deepcopy(base), "train_measure_diversity": copy.deepcopy(base)}
+        seconds: dict[str, list[float]] = {name: [] for name in models}
+
+        def epoch(name: str) -> Callable[[], object]:
+            def call() -> float:
+                history = train(models[name], (x, y), schedule=batch_size, epochs=1, lr=0.01, seed=len(seconds[name]),
+                                measure_diversity=name != "train", progress=False)
+                seconds[name].append(history.seconds[-1])
+                return history.diversity[-1]
+            return call
+
+        steps = {name: epoch(name) for name in models}
+        for step in steps.values():
+            step()
+            step()
+        for name in seconds:
+            seconds[name].clear()
+        rounds = max(5, min(40, int((6.0 if mode == "full" else 0.6) / max(sum(_time_once(s) for s in steps.values()), 1e-6))))
+        for name in seconds:
+            seconds[name].clear()
+        times, cpu_times = time_interleaved(steps, rounds, rounds)
+        loop = {name: values[-rounds:] for name, values in seconds.items()}  # the training loop alone (History.seconds)
+        for name in models:
+            row: dict[str, object] = {"model": "conv1d_1-32-32_L40", "batch_size": batch_size, "method": name,
+                                      "threads": threads, "samples_per_epoch": samples}
+            row |= ratio_stats(times, name, "train")
+            row |= _cpu_stats(cpu_times, name, "train")
+            row |= {f"loop_{k}": v for k, v in ratio_stats(loop, name, "train").items() if k != "repetitions"}
+            row["plain_median_over_min"] = _noise(times, "train")
+            rows.append(row)
+        _print_rows(rows[-len(models):], baseline="train")
+    return rows
+
+
+def run(mode: str, threads: list[int], memory: bool) -> dict[str, object]:
+    info = machine_info(threads)
+    norms_rows, train_rows = [], []
+    for count in threads:
+        torch.set_num_threads(count)
+        print(f"\n=== {count} thread(s) ===", flush=True)
+        norms_rows += run_norms(mode, count, memory and count == threads[0])
+        train_rows += run_train(mode, count)
     info["load_average_end"] = os.getloadavg()
-    return {"machine": info, "config": {"quick": quick, "batch_sizes": batch_sizes, "methods": list(METHODS), "loop_samples": LOOP_SAMPLES}, "results": results}
+    config = {"mode": mode, "threads": threads, "configs": CONFIGS[mode], "methods": list(QUICK_METHODS if mode == "quick" else METHODS),
+              "loop_max_batch": LOOP_MAX_BATCH, "train_batch_sizes": TRAIN_BATCH_SIZES[mode], "train_samples": TRAIN_SAMPLES[mode]}
+    return {"machine": info, "config": config, "results": norms_rows, "train_results": train_rows}
 
 
-def _noise(times: dict[str, list[float]]) -> float:
-    return statistics.median(times["plain"]) / min(times["plain"])
-
-
-def _time_once(step: Step) -> float:
+def _time_once(step: Callable[[], object]) -> float:
     start = time.perf_counter()
     step()
     return time.perf_counter() - start
 
 
-def _print_rows(rows: list[dict[str, object]]) -> None:
-    plain = next(r for r in rows if r["method"] == "plain")
+def _print_rows(rows: list[dict[str, object]], baseline: str = "plain") -> None:
+    plain = next(r for r in rows if r["method"] == baseline)
     plain_memory = plain.get("peak_extra_rss_mb")
-    print(f"\n{rows[0]['model']}  B={rows[0]['batch_size']}  plain {plain['median_ms']:.2f} ms")
-    print(f"  {'method':<20} {'median ms':>10} {'ratio':>7} {'min ratio':>9} {'Δ rel.diff':>11} {'peak MB':>9} {'mem ratio':>9}")
+    print(f"\n{rows[0]['model']}  B={rows[0]['batch_size']}  threads={rows[0]['threads']}  {baseline} {plain['median_ms']:.2f} ms"
+          f"  (noise: {baseline} median/min {plain['plain_median_over_min']:.2f})")
+    print(f"  {'method':<24} {'median ms':>10} {'ratio':>7} {'min ratio':>9} {'paired q25-q75':>15} {'cpu ratio':>9} {'Δ rel.diff':>11} {'peak MB':>8}")
     for row in rows:
         if "skipped" in row:
-            print(f"  {row['method']:<20} skipped: {row['skipped']}")
+            print(f"  {row['method']:<24} skipped: {row['skipped']}")
             continue
-        diff = row["diversity_rel_diff_to_gradiv"]
+        diff = row.get("diversity_rel_diff_to_gradiv")
         memory = row.get("peak_extra_rss_mb")
-        memory_ratio = memory / plain_memory if memory is not None and plain_memory else None
         print(
-            f"  {row['method']:<20} {row['median_ms']:>10.2f} {row['ratio_to_plain']:>7.2f} {row['ratio_of_minima']:>9.2f} "
-            f"{'' if diff is None or math.isnan(diff) else f'{diff:.1e}':>11} "
-            f"{'' if memory is None else f'{memory:.0f}':>9} {'' if memory_ratio is None else f'{memory_ratio:.2f}':>9}",
+            f"  {row['method']:<24} {row['median_ms']:>10.2f} {row['ratio_to_plain']:>7.3f} {row['ratio_of_minima']:>9.3f} "
+            f"{row['paired_ratio_q25']:>7.3f}-{row['paired_ratio_q75']:<7.3f} {row['cpu_ratio_to_plain']:>9.3f} "
+            f"{'' if diff is None or math.isnan(diff) else f'{diff:.1e}':>11} {'' if memory is None else f'{memory:.0f}':>8}",
             flush=True,
         )
 
 
+def _thread_list(text: str) -> list[int]:
+    values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--threads must be a comma-separated list of integers >= 1, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def main() -> None:
+    default_threads = torch.get_num_threads()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="B in {32, 128}, 5 rounds, memory only for plain and gradiv")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the cores may be shared)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory probes")
+    parser.add_argument("--quick", action="store_true", help="MLP B=128, CNN B=32, train() at B=128; gradiv and BackPACK only; under a minute")
+    parser.add_argument("--threads", type=_thread_list, default=list(dict.fromkeys([1, default_threads])),
+                        help=f"comma-separated torch thread counts, each timed in turn (default: 1,{default_threads} = one and the machine default)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory per method in fresh processes (slow)")
+    parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old command lines
     parser.add_argument("--name", default="benchmarks/norms_cpu",
                         help="result name; saved with gradiv_lib.results.save (the book loads benchmarks/norms_cpu)")
     parser.add_argument("--out", type=Path, default=None,
                         help="root folder of the result (default: the package's _results, which the book reads)")
     parser.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "B", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if args.probe_memory:
+        torch.set_num_threads(args.threads[0])
         model_name, batch_size, method = args.probe_memory
         print(json.dumps(probe_memory(model_name, int(batch_size), method)))
         return
     start = time.perf_counter()
-    payload = run(args.quick, args.threads, memory=not args.no_memory)
-    path = results.save(args.name, {"rows": payload["results"], "machine": payload["machine"]},
+    payload = run("quick" if args.quick else "full", args.threads, memory=args.memory and not args.no_memory)
+    path = results.save(args.name, {"rows": payload["results"], "train_rows": payload["train_results"], "machine": payload["machine"]},
                         config=payload["config"], seconds=time.perf_counter() - start, root=args.out)
-    print(f"\nwritten to {path}")
+    print(f"\nwritten to {path} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -588,6 +588,10 @@ def train(
                 accumulator = EpochDiversityAccumulator() if measure and not schedule_measures else None
                 epoch_lr, epoch_lr_scale = float(opt.param_groups[0]["lr"]), schedule.lr_scale
                 model.train()
+                # one meter (hooks planned once) and one BatchNorm scan per epoch, not per step; rebuilt every
+                # epoch because on_epoch_end may freeze or unfreeze parameters
+                batch_norms = _train_batch_norms(model) if measure else []
+                meter = DiversityMeter(model, loss_reduction=reduction) if measure and not batch_norms else None
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
@@ -601,15 +605,14 @@ def train(
                     opt.zero_grad(set_to_none=True)
                     sq_norms = grads = None
                     if measure:
-                        batch_norms = _train_batch_norms(model)
-                        if batch_norms or (measure_batch_size is not None and n > measure_batch_size):
+                        if meter is None or (measure_batch_size is not None and n > measure_batch_size):
                             sq_norms, grads = _measure_separately(model, loss_fn, xb, yb, params, reduction,
                                                                   measure_batch_size or n, batch_norms)
                             out = model(xb)
                             loss = loss_fn(out, yb)
                             loss.backward()
                         else:  # measured during the training step's own backward pass
-                            with DiversityMeter(model, loss_reduction=reduction) as meter:
+                            with meter:
                                 out = model(xb)
                                 loss = loss_fn(out, yb)
                                 loss.backward()

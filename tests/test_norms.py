@@ -258,10 +258,10 @@ def test_saved_activations_are_released_when_their_hook_fires() -> None:
     model[0].register_forward_hook(lambda module, args, out: outputs.append(out))
     with DiversityMeter(model):
         loss = nn.CrossEntropyLoss()(model(torch.randn(5, 3)), classes(5, 2))
-        saved = [hook.args[-1] for hook in outputs[0]._backward_hooks.values()]
-        assert saved and all(s._value is not None for s in saved)
+        hooks = list(outputs[0]._backward_hooks.values())
+        assert hooks and all(hook._saved is not None for hook in hooks)
         loss.backward()
-    assert all(s._value is None for s in saved)
+    assert all(hook._saved is None for hook in hooks)
 
 
 # --- parameter sharing, freezing, mixed models -----------------------------------------------------
@@ -682,3 +682,47 @@ def test_conv_property(config: dict) -> None:
     x = torch.randn(batch, config["in_channels"], *([size] * (2 if two_d else 1)), dtype=torch.float64)
     y = torch.randn(batch, model(x).shape[1], dtype=torch.float64)
     check(model, nn.MSELoss(reduction="sum"), x, y, strategy=strategy)
+
+
+@pytest.mark.parametrize("method", ["gram", "im2col", "grouped_conv"])
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), nn.Conv2d(4, 6, 3, dilation=2, padding="same", groups=2), nn.Conv2d(3, 5, 2, padding=1)],
+    ids=["1d-groups", "2d-groups-same", "2d"],
+)
+def test_every_conv_method_includes_a_trainable_bias(method: str, conv: nn.Module) -> None:
+    """The conv methods fold the bias into the same computation (a row of ones / Gram + 1)."""
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    model = nn.Sequential(conv, nn.Flatten())
+    y = torch.randn(5, model(x).shape[1], dtype=torch.float64)
+    expected, _ = reference(model, nn.MSELoss(reduction="sum"), x, y)
+    g = 2 * (conv(x) - y.view_as(conv(x))).detach()
+    compute = {"gram": rules._conv_sq_norms_gram, "im2col": rules._conv_sq_norms_im2col, "grouped_conv": rules._conv_sq_norms_grouped_conv}[method]
+    torch.testing.assert_close(compute(conv, x, g, True), expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+        nn.Conv1d(3, 5, 4, dilation=2, padding=3, bias=False),
+        nn.Conv1d(2, 4, 3, padding="same", dilation=2, padding_mode="reflect"),
+        nn.Conv1d(1, 3, 5, stride=3),
+        nn.Conv1d(6, 6, 2, stride=2, dilation=3, groups=3, padding=2, padding_mode="circular"),
+    ],
+    ids=["stride-groups", "dilation-nobias", "same-reflect", "stride3", "circular-groups"],
+)
+def test_conv1d_shifted_gram_matches_the_per_sample_loop(conv: nn.Module) -> None:
+    """Patch Gram = sum of shifted windows of the channel Gram of the padded input (no im2col)."""
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, 17, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    params = [p for p in conv.parameters()]
+    expected = torch.stack([
+        sum(t.square().sum() for t in torch.autograd.grad(conv(x[i : i + 1]), params, g[i : i + 1])) for i in range(5)
+    ])
+    got = rules._conv1d_sq_norms_shifted_gram(conv, x, g, conv.bias is not None)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    for strategy in ("auto", "gram"):
+        torch.testing.assert_close(rules._conv_sq_norms(conv, x, g, strategy), expected, rtol=1e-9, atol=1e-12)

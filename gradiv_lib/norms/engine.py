@@ -32,6 +32,7 @@ once per model and input signature; ``"every_call"`` on every measurement; ``"of
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,6 +67,7 @@ class _Layer:
     rule: LayerRule | None = field(repr=False)
     shares_parameters: bool = False
     calls: int = 0
+    covered: bool = False
     param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class _Layer:
     @property
     def name(self) -> str:
         return f"'{self.path or '<model>'}' ({type(self.module).__qualname__})"
+
+
 class _SavedOnce:
     """Forward-pass state for exactly one backward hook call, dropped when taken: the hook object
     lives as long as the autograd graph, and holding activations there would keep them alive until
@@ -87,6 +91,24 @@ class _SavedOnce:
     def take(self) -> Any:
         value, self._value = self._value, None
         return value
+
+
+class _OutputGradHook:
+    """The tensor hook on one rule layer's output: forward-pass state for exactly one backward hook
+    call, dropped when used (the hook object lives as long as the autograd graph, and holding
+    activations there would keep them alive until the end of the backward pass). One small object per
+    layer call instead of a partial and a holder: this runs on every measured training step."""
+
+    __slots__ = ("_engine", "_layer", "_root", "_index", "_saved")
+
+    def __init__(self, engine: PerSampleNormEngine, layer: _Layer, root: _RootCall | None, index: int, saved: Any) -> None:
+        self._engine, self._layer, self._root, self._index, self._saved = engine, layer, root, index, saved
+
+    def __call__(self, grad_output: Tensor) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            return
+        self._engine._on_rule_output_grad(self._layer, self._root, self._index, saved, grad_output)
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -203,6 +225,14 @@ class PerSampleNormEngine:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._paused = False
         self._probe_run: dict[str, list[tuple[list[Any], list[Any]]]] | None = None
+        # hooks are bound once here, not in attach(): attach runs on every measured training step
+        self._layer_hooks: list[tuple[nn.Module, Any, bool]] = [
+            (layer.module, partial(self._record_fallback_call, layer), True) if layer.rule is None
+            else (layer.module, partial(self._record_rule_call, layer), False)
+            for layer in self._layers
+        ]
+        self._batch_norm_hooks = [(module, partial(self._refuse_batch_statistics, path)) for path, module in self._batch_norms]
+        self._parameter_hooks = [(p, partial(self._record_parameter_grad, id(p))) for p in self._parameters]
         self.reset()
 
     @property
@@ -218,38 +248,33 @@ class PerSampleNormEngine:
     def reset(self) -> None:
         """Forget everything recorded, to measure another forward/backward pass."""
         self._batch_size = self._expected_batch_size
-        self._sq_norms: Tensor | None = None
+        self._sq_norm_parts: list[Tensor] = []
         self._per_sample_grads: dict[int, Tensor] = {}
         self._grad_norms: list[Tensor] = []
         self._grad_counts: Counter[int] = Counter()
-        self._covered: set[int] = set()
         self._root: _RootCall | None = None
         self._signature: Any = None
         self._verify = self._check != "off"
         self._verified = False
+        self._complete = False
         self._grad_sums: dict[int, Tensor] = {}
         self._spreads: dict[int, Tensor] = {}
         self._actual_grads: dict[int, Tensor] = {}
         self._low_precision = False
         for layer in self._layers:
             layer.calls = 0
+            layer.covered = False
 
     def attach(self) -> PerSampleNormEngine:
         """Register the hooks (idempotent)."""
         if self._handles:
             return self
-        self._handles.append(self._model.register_forward_pre_hook(self._on_root_call, with_kwargs=True))
-        for layer in self._layers:
-            if layer.rule is None:
-                hook = partial(self._record_fallback_call, layer)
-                self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(layer.module.register_forward_hook(partial(self._record_rule_call, layer)))
-        self._handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
-        for path, module in self._batch_norms:
-            self._handles.append(module.register_forward_pre_hook(partial(self._refuse_batch_statistics, path)))
-        for p in self._parameters:
-            self._handles.append(p.register_hook(partial(self._record_parameter_grad, id(p))))
+        handles = [self._model.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
+        handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._layer_hooks]
+        handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
+        handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
+        handles += [p.register_hook(hook) for p, hook in self._parameter_hooks]
+        self._handles = handles
         return self
 
     def detach(self) -> None:
@@ -273,18 +298,33 @@ class PerSampleNormEngine:
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._recording():
             return
+        plain_call = not kwargs and all(type(a) is Tensor or type(a) is nn.Parameter for a in args)
         if self._batch_size is None:
-            first = next((leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
+            leaves = args if plain_call else tree_flatten((args, kwargs))[0]
+            first = next((leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
             if first is not None:
                 self._batch_size = int(first.shape[0])
-        self._root = _RootCall({layer.path: layer.calls for layer in self._layers})
+        # where each layer's calls start in this root call (nothing ran yet: the common, first root call)
+        self._root = _RootCall({layer.path: layer.calls for layer in self._layers} if self._layer_calls_seen() else {})
         if self._check == "off":
             return
-        self._signature = batch_axes.signature(module, args, kwargs)
+        self._signature = self._call_signature(module, args, kwargs, plain_call)
         if self._check == "first_call":
             self._root.layout = batch_axes._LAYOUTS.get(module, {}).get(self._signature)
             if self._root.layout is not None and self._root.layout.grads_verified:
                 self._verify = False
+
+    def _layer_calls_seen(self) -> bool:
+        return any(layer.calls for layer in self._layers)
+
+    @staticmethod
+    def _call_signature(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], plain_call: bool) -> Any:
+        """``batch_axes.signature`` (what a cached layout depends on), with a fast path for the usual
+        call ``model(x, ...)`` on tensors only: the same information without flattening a pytree."""
+        if not plain_call:
+            return batch_axes.signature(module, args, kwargs)
+        autocast = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else None
+        return ("tensors", module.training, autocast, tuple((a.shape[1:], a.dtype, a.device) for a in args))
 
     def _after_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         root = self._root
@@ -339,7 +379,8 @@ class PerSampleNormEngine:
         if self._probe_run is not None:
             self._probe_record(layer, [args[0]], [output])
             return
-        if not self._recording() or not output.requires_grad:
+        # output.requires_grad is False under no_grad / inference mode (evaluation passes are skipped)
+        if self._paused or not output.requires_grad:
             return
         activation = args[0]
         if activation.dim() < layer.rule.batched_input_dim:
@@ -347,10 +388,10 @@ class PerSampleNormEngine:
                 f"layer {layer.name} was called on an unbatched input of shape {tuple(activation.shape)}; "
                 f"it needs at least {layer.rule.batched_input_dim} dimensions with the batch first"
             )
-        self._check_batch(layer, activation)
+        if self._batch_size is None or activation.shape[0] != self._batch_size:
+            self._check_batch(layer, activation)
         index = self._call_index(layer)
-        saved = _SavedOnce(layer.rule.save(module, activation, output))
-        output.register_hook(partial(self._on_rule_output_grad, layer, self._root, index, saved))
+        output.register_hook(_OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output)))
 
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._probe_run is not None:
@@ -448,24 +489,23 @@ class PerSampleNormEngine:
     def _materializes(self, layer: _Layer) -> bool:
         return layer.shares_parameters or layer.calls > 1
 
-    def _on_rule_output_grad(self, layer: _Layer, root: _RootCall | None, index: int, saved_once: _SavedOnce, grad_output: Tensor) -> None:
-        saved = saved_once.take()
-        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
-            return
+    def _on_rule_output_grad(self, layer: _Layer, root: _RootCall | None, index: int, saved: Any, grad_output: Tensor) -> None:
         axis = self._rule_axis(layer, root, index, grad_output)
         if axis != 0:
             saved, grad_output = saved.movedim(axis, 0), grad_output.movedim(axis, 0)
-        self._low_precision |= grad_output.dtype in _HALF
+        if grad_output.dtype in _HALF:
+            self._low_precision = True
         rule, module = layer.rule, layer.module
-        with torch.no_grad():
+        # hooks run with grad mode off unless backward(create_graph=True); only then is no_grad needed
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             if self._materializes(layer):
                 self._add_per_sample_grads(layer, rule.per_sample_grads(module, saved, grad_output))
             else:
                 sq_norms = rule.sq_norms(module, saved, grad_output, self._strategy)
-                self._add_sq_norms(sq_norms)
+                self._sq_norm_parts.append(sq_norms)
                 if self._verify:
                     self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output), sq_norms)
-        self._covered |= layer.param_ids
+        layer.covered = True
 
     def _on_fallback_output_grads(
         self, layer: _Layer, root: _RootCall | None, index: int, saved_once: _SavedOnce, indices: list[int], n_out: int, grads: list[Tensor | None]
@@ -493,10 +533,10 @@ class PerSampleNormEngine:
                 self._add_per_sample_grads(layer, per_sample)
             else:
                 sq_norms = sum(g.reshape(g.shape[0], -1).square().sum(1) for g in per_sample.values())
-                self._add_sq_norms(sq_norms)
+                self._sq_norm_parts.append(sq_norms)
                 if self._verify:
                     self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()}, sq_norms)
-        self._covered |= layer.param_ids
+        layer.covered = True
 
     def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor) -> None:
         """nn.MultiheadAttention by one batched recomputation (``rules_attention.py``)."""
@@ -509,12 +549,9 @@ class PerSampleNormEngine:
             if materialize:
                 self._add_per_sample_grads(layer, per_sample)
             else:
-                self._add_sq_norms(sq_norms)
+                self._sq_norm_parts.append(sq_norms)
                 self._add_grad_sums(layer, sums, sq_norms)
-        self._covered |= layer.param_ids
-
-    def _add_sq_norms(self, sq_norms: Tensor) -> None:
-        self._sq_norms = sq_norms if self._sq_norms is None else self._sq_norms + sq_norms
+        layer.covered = True
 
     def _add_per_sample_grads(self, layer: _Layer, grads: dict[str, Tensor]) -> None:
         for name, g in grads.items():
@@ -532,6 +569,7 @@ class PerSampleNormEngine:
             self._spreads[pid] = spread if pid not in self._spreads else self._spreads[pid] + spread
 
     def _record_parameter_grad(self, pid: int, grad: Tensor) -> None:
+        self._complete = False
         self._grad_counts[pid] += 1
         values = grad.coalesce().values() if grad.is_sparse else grad
         self._grad_norms.append(torch.linalg.vector_norm(values.detach()))
@@ -575,6 +613,8 @@ class PerSampleNormEngine:
         return next(p.dtype for p in self._parameters if id(p) == pid)
 
     def _check_complete(self) -> None:
+        if self._complete:  # checked already for this measurement (sq_norms and grad_sum_sq_norm both ask)
+            return
         if not self._grad_counts:
             raise RuntimeError(
                 "no gradient reached the model's trainable parameters while the hooks were attached; "
@@ -586,7 +626,8 @@ class PerSampleNormEngine:
                 f"{passes} backward passes reached the parameters during one measurement; a measurement covers "
                 "exactly one backward pass (start a new one per micro-batch)"
             )
-        missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in self._covered]
+        covered = {pid for layer in self._layers if layer.covered for pid in layer.param_ids}
+        missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in covered]
         if missing:
             raise ValueError(
                 f"parameters {missing} received gradients, but no per-sample rule saw their module run: they are used "
@@ -599,17 +640,22 @@ class PerSampleNormEngine:
             self._actual_grads, self._grad_sums, self._spreads = {}, {}, {}
             if self._root is not None and self._root.layout is not None and self._check == "first_call":
                 self._root.layout.grads_verified = True
+        self._complete = True
 
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""
         self._check_complete()
-        total = self._sq_norms
-        for g in self._per_sample_grads.values():
-            part = g.reshape(g.shape[0], -1).square().sum(1)
-            total = part if total is None else total + part
+        parts = self._sq_norm_parts + [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
+        if len(parts) == 1:
+            return parts[0]
+        if all(part.dtype == parts[0].dtype for part in parts):
+            return torch.stack(parts).sum(0)  # one reduction for all layers
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
         return total
 
     def grad_sum_sq_norm(self) -> Tensor:
         """Squared norm of the gradient this backward pass produced (a 0-d float64 tensor)."""
         self._check_complete()
-        return torch.stack(self._grad_norms).double().square().sum()
+        return torch.linalg.vector_norm(torch.stack(self._grad_norms).double()).square()

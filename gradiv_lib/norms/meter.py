@@ -23,11 +23,13 @@ per-sample gradient :math:`p_i - q_i` has :math:`\\|p_i - q_i\\|_1 \\le 2`; if t
 makes :math:`\\|B\\,\\delta_i\\|_1 > 2` for some sample, the loss was a sum and the meter warns (class
 weights above 1 can trigger it too, hence a warning, not an error). A ``"sum"`` declared for a mean
 loss, other losses, and sequence outputs cannot be told apart; :func:`~gradiv_lib.norms.per_sample_sq_norms`
-sees the loss function and detects the reduction itself.
+sees the loss function and detects the reduction itself. The check runs on the first measurement
+of a meter (the reduction is a property of the loss, not of the batch), so later steps pay nothing.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -87,13 +89,14 @@ class DiversityMeter:
         self._result: DiversityResult | None = None
         self._output_grad: Tensor | None = None
         self._handle: Any = None
+        self._reduction_checked = False  # the summed-loss check runs on the first measurement only
 
     def __enter__(self) -> DiversityMeter:
         self._sq_norms = None
         self._result = None
         self._output_grad = None
         self._engine.__enter__()
-        if self._loss_reduction == "mean":
+        if self._loss_reduction == "mean" and not self._reduction_checked:
             self._handle = self._model.register_forward_hook(self._watch_output)
         return self
 
@@ -115,6 +118,7 @@ class DiversityMeter:
         delta = self._output_grad
         if delta is None or delta.shape[0] < 2:
             return
+        self._reduction_checked = True  # a property of the loss, not of the batch: once per meter
         delta = delta.double()
         rows = delta.abs().sum(1)
         if float(delta.sum(1).abs().max()) > 1e-6 * float(rows.max()) + 1e-300:
@@ -138,6 +142,7 @@ class DiversityMeter:
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms :math:`\\|\\nabla_w \\ell_i\\|^2`, shape ``[B]``."""
         if self._sq_norms is None:
+            self._warn_if_summed_cross_entropy()
             seen = self._engine.sq_norms()
             self._sq_norms = seen * self._factor(seen.shape[0]) ** 2
         return self._sq_norms
@@ -155,12 +160,14 @@ class DiversityMeter:
         """
         if self._result is None:
             self._warn_if_summed_cross_entropy()
-            sq_norms = self.sq_norms
-            sq_norm_of_sum = self._engine.grad_sum_sq_norm() * self._factor(sq_norms.shape[0]) ** 2
-            check_finite_results(sq_norms, sq_norm_of_sum)
-            self._result = DiversityResult(
-                sum_sq_norms=float(sq_norms.double().sum()),
-                sq_norm_of_sum=float(sq_norm_of_sum),
-                n=int(sq_norms.shape[0]),
-            )
+            seen = self._engine.sq_norms()
+            scale = self._factor(seen.shape[0]) ** 2
+            # Python floats straight away (two conversions in all); the squared norms are >= 0, so their
+            # sum is finite exactly when every one of them is, and the per-sample check runs only to name
+            # the offending samples
+            sum_sq_norms = float(seen.sum(dtype=torch.float64)) * scale
+            sq_norm_of_sum = float(self._engine.grad_sum_sq_norm()) * scale
+            if not (math.isfinite(sum_sq_norms) and math.isfinite(sq_norm_of_sum)):
+                check_finite_results(seen, torch.tensor(sq_norm_of_sum, dtype=torch.float64))
+            self._result = DiversityResult(sum_sq_norms=sum_sq_norms, sq_norm_of_sum=sq_norm_of_sum, n=int(seen.shape[0]))
         return self._result

@@ -145,9 +145,15 @@ def _linear_sq_norms(module: nn.Module, a: Tensor, g: Tensor, strategy: Sequence
     a, g = _working_precision(a), _working_precision(g)
     batch = a.shape[0]
     if a.dim() == 2:
-        g_sq = torch.linalg.vecdot(g, g)
-        total = torch.linalg.vecdot(a, a) * g_sq if _trainable(module.weight) else torch.zeros_like(g_sq)
-        return total + g_sq if _trainable(module.bias) else total
+        # ‖δ_i a_iᵀ‖² + ‖δ_i‖² = (‖a_i‖² + 1)‖δ_i‖²: two row-norm reductions (no [B, d] temporary, which
+        # for large layers costs a fresh allocation and page faults on every step) and [B]-sized arithmetic
+        g_sq = torch.linalg.vector_norm(g, dim=1).square_()
+        if not _trainable(module.weight):
+            return g_sq if _trainable(module.bias) else torch.zeros_like(g_sq)
+        total = torch.linalg.vector_norm(a, dim=1).square_()
+        if _trainable(module.bias):
+            total.add_(1.0)
+        return total.mul_(g_sq)
     a = a.reshape(batch, -1, a.shape[-1])
     g = g.reshape(batch, -1, g.shape[-1])
     total = a.new_zeros(batch)
@@ -242,49 +248,162 @@ def _conv_weight_grads_by_grouped_conv(module: nn.Conv1d | nn.Conv2d, x: Tensor,
     return grads.view(batch, *module.weight.shape)
 
 
+_CACHE_CHUNK_ELEMENTS = 1 << 20
+"""Conv norm temporaries are processed in batch chunks of about this many elements (4 MB in float32),
+so the unfolded input of a chunk is still in cache when the batched GEMM reads it."""
+
+
+def _sq_sum_rows(t: Tensor) -> Tensor:
+    """Σ over all but the first axis of t² (one reduction, no temporary of t's size)."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square_()
+
+
+def _conv_factors_with_ones(module: nn.Module, x: Tensor, g: Tensor, ones: bool) -> tuple[Tensor, Tensor]:
+    """Unfolded input [B, G, d_g (+1), L] (one copy of the windows, plus a row of ones per group when
+    ``ones``: the bias gradient then comes out of the same GEMM as the weight gradient) and the output
+    gradient [B, G, p_g, L] (a view)."""
+    batch, groups = x.shape[0], module.groups
+    padded = _padded_conv_input(module, x)
+    (kh, kw), (dh, dw), (sh, sw) = _conv_geometry(module)
+    _, channels, height, width = padded.shape
+    out_h = (height - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width - dw * (kw - 1) - 1) // sw + 1
+    st = padded.stride()
+    per_group = channels // groups
+    windows = padded.as_strided(
+        (batch, groups, per_group, kh, kw, out_h, out_w),
+        (st[0], per_group * st[1], st[1], st[2] * dh, st[3] * dw, st[2] * sh, st[3] * sw),
+        padded.storage_offset(),
+    )
+    rows = per_group * kh * kw
+    positions = out_h * out_w
+    if ones:
+        a = padded.new_empty(batch, groups, rows + 1, positions)
+        a[:, :, :rows].view(batch, groups, per_group, kh, kw, out_h, out_w).copy_(windows)
+        a[:, :, rows].fill_(1.0)
+    else:
+        a = windows.reshape(batch, groups, rows, positions)
+    return a, g.reshape(batch, groups, -1, positions)
+
+
+def _conv_chunked(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, g: Tensor, elements_per_sample: int) -> Tensor:
+    chunk = max(1, _CACHE_CHUNK_ELEMENTS // max(1, elements_per_sample))
+    if chunk >= x.shape[0]:
+        return fn(x, g)
+    return torch.cat([fn(x[s : s + chunk], g[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
+
+
+def _conv_with_bias(module: nn.Module) -> bool:
+    return _trainable(module.bias)
+
+
+def _conv_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """Σ_{t,s} (a_t·a_s + [bias])(δ_t·δ_s) per group: weight (and bias) squared norms."""
+    a, d = _conv_factors_with_ones(module, x, g, False)
+    gram_a = torch.matmul(a.transpose(-1, -2), a)
+    if bias:
+        gram_a.add_(1.0)
+    gram_d = torch.matmul(d.transpose(-1, -2), d)
+    return gram_a.mul_(gram_d).reshape(x.shape[0], -1).sum(1)
+
+
+def _conv1d_sq_norms_shifted_gram(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """Gram form of a Conv1d without unfolding: the patch Gram matrix is a sum of shifted windows of
+    the channel Gram matrix of the padded input,
+
+    .. math:: (A A^\\top)_{ts} = \\sum_k \\sum_c x_{c, st+kd}\\, x_{c, ss+kd} = \\sum_k X_{st+kd,\\, ss+kd},
+              \\qquad X = x_\\text{pad}^\\top x_\\text{pad},
+
+    (stride s, dilation d), which costs :math:`L_\\text{pad}^2 C_\\text{in}/G + k T^2` per sample and group
+    instead of :math:`T^2 C_\\text{in} k / G` and needs no im2col copy."""
+    batch, groups = x.shape[0], module.groups
+    padded = _padded_conv_input(module, x).squeeze(2)  # [B, C, L_pad]
+    (_, kernel), (_, dilation), (_, stride) = _conv_geometry(module)
+    positions = g.shape[-1]
+    xg = padded.view(batch, groups, -1, padded.shape[-1])
+    channel_gram = torch.matmul(xg.transpose(-1, -2), xg)  # [B, G, L_pad, L_pad]
+    span = stride * (positions - 1) + 1
+    gram_a = channel_gram[..., :span:stride, :span:stride].clone()
+    for k in range(1, kernel):
+        offset = k * dilation
+        gram_a.add_(channel_gram[..., offset : offset + span : stride, offset : offset + span : stride])
+    if bias:
+        gram_a.add_(1.0)
+    d = g.reshape(batch, groups, -1, positions)
+    gram_d = torch.matmul(d.transpose(-1, -2), d)
+    return gram_a.mul_(gram_d).reshape(batch, -1).sum(1)
+
+
+def _conv_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """‖D_i [A_i; 1]ᵀ‖² per sample by im2col + batched GEMM (the ones row only with ``bias``)."""
+    a, d = _conv_factors_with_ones(module, x, g, bias)
+    return _sq_sum_rows(torch.matmul(a, d.transpose(-1, -2)))  # [A; 1] Dᵀ: the faster orientation for MKL here
+
+
+def _conv_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """Per-sample weight gradients by one grouped weight-gradient convolution (+ bias sums)."""
+    total = _sq_sum_rows(_conv_weight_grads_by_grouped_conv(module, x, g))
+    if bias:
+        total.add_(_sq_sum_rows(g.reshape(g.shape[0], g.shape[1], -1).sum(2)))
+    return total
+
+
 def _conv_weight_sq_norms_gram(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    return _gram_sq_norms(*_conv_factors(module, x, g))
+    """Weight-only squared norms by the Gram form."""
+    return _conv_sq_norms_gram(module, x, g, False)
 
 
 def _conv_weight_sq_norms_im2col(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    return _materialized_sq_norms(*_conv_factors(module, x, g))
+    """Weight-only squared norms by im2col + batched GEMM."""
+    return _conv_sq_norms_im2col(module, x, g, False)
 
 
 def _conv_weight_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    return _conv_weight_grads_by_grouped_conv(module, x, g).reshape(x.shape[0], -1).square().sum(1)
+    """Weight-only squared norms by a grouped weight-gradient convolution."""
+    return _conv_sq_norms_grouped_conv(module, x, g, False)
 
 
 def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, strategy: SequenceStrategy) -> Tensor:
+    """Squared norms of the per-sample gradients of weight and (when trainable) bias."""
     positions = math.prod(g.shape[2:])
     groups = module.groups
     in_per_group = module.in_channels // groups * math.prod(module.kernel_size)
     out_per_group = module.out_channels // groups
-    unfolded = in_per_group * groups * positions
-    allowed = _allowed_methods(_method_costs(positions, in_per_group, out_per_group), strategy)
+    unfolded = (in_per_group + 1) * groups * positions
+    bias = _conv_with_bias(module)
+    costs = _method_costs(positions, in_per_group, out_per_group)
+    one_d = x.dim() == 3
+    if one_d:  # shifted Gram (Conv1d only): channel Gram of the padded input, k shifted windows, output Gram
+        padded_length = x.shape[-1] + 2 * (module.padding[0] if not isinstance(module.padding, str) else module.kernel_size[0])
+        costs["shifted_gram"] = padded_length**2 * module.in_channels // groups + (module.kernel_size[0] + out_per_group) * positions**2
+    allowed = _allowed_methods(costs, strategy)
+    if strategy == "gram" and one_d:
+        allowed.add("shifted_gram")
     candidates = {}
     if "gram" in allowed:
         elements = unfolded + 2 * groups * positions * positions
-        candidates["gram"] = lambda: _in_batch_chunks(partial(_conv_weight_sq_norms_gram, module), x, g, elements)
+        candidates["gram"] = lambda: _conv_chunked(partial(_conv_sq_norms_gram, module, bias=bias), x, g, elements)
+    if "shifted_gram" in allowed:
+        elements = groups * (x.shape[-1] + 2 * module.kernel_size[0] * module.dilation[0]) ** 2 + 2 * groups * positions * positions
+        candidates["shifted_gram"] = lambda: _conv_chunked(partial(_conv1d_sq_norms_shifted_gram, module, bias=bias), x, g, elements)
     if "materialize" in allowed:
-        elements = unfolded + groups * in_per_group * out_per_group
-        candidates["im2col"] = lambda: _in_batch_chunks(partial(_conv_weight_sq_norms_im2col, module), x, g, elements)
-        candidates["grouped_conv"] = lambda: _in_batch_chunks(partial(_conv_weight_sq_norms_grouped_conv, module), x, g, elements)
+        elements = unfolded + groups * (in_per_group + 1) * out_per_group
+        candidates["im2col"] = lambda: _conv_chunked(partial(_conv_sq_norms_im2col, module, bias=bias), x, g, elements)
+        candidates["grouped_conv"] = lambda: _in_batch_chunks(partial(_conv_sq_norms_grouped_conv, module, bias=bias), x, g, elements)
     key = (
         "conv", module.kernel_size, module.stride, module.padding, module.dilation, groups, module.padding_mode,
-        tuple(x.shape), tuple(g.shape), x.dtype, x.device, strategy,
+        bias, tuple(x.shape), tuple(g.shape), x.dtype, x.device, strategy,
     )
     return run_fastest(key, candidates, x.device)
 
 
 def _conv_sq_norms(module: nn.Module, x: Tensor, g: Tensor, strategy: SequenceStrategy) -> Tensor:
     x, g = _working_precision(x), _working_precision(g)
-    batch = x.shape[0]
-    total = x.new_zeros(batch)
     if _trainable(module.weight):
-        total = total + _conv_weight_sq_norms(module, x, g, strategy)
+        return _conv_weight_sq_norms(module, x, g, strategy)  # includes the bias when it is trainable
     if _trainable(module.bias):
-        total = total + g.reshape(batch, g.shape[1], -1).sum(2).square().sum(1)
-    return total
+        return _sq_sum_rows(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+    return x.new_zeros(x.shape[0])
 
 
 def _conv_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
