@@ -159,3 +159,25 @@ def test_noise_scale_window_restarts_every_epoch():
     s.begin_epoch(1)
     s.observe(n=2, grad=torch.tensor([3.0, -1.0], dtype=torch.float64))
     assert s.end_epoch(1) is None and s.estimator.updates == 0  # the half window of epoch 0 was dropped
+
+
+def test_noise_scale_resizes_only_at_the_end_of_a_period():
+    s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=2, window=2, beta=0.0).bind(1000)
+    for e in range(2):
+        s.begin_epoch(e)
+        for v in ([3.0, 1.0], [3.0, -1.0]):
+            s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64))
+        r = s.end_epoch(e)
+        assert (r is None) == (e == 0)
+    assert r.epoch == 1 and r.new_batch_size == 17 and s.estimates == [(1, 0.5)]
+
+
+def test_divebatch_resize_records_its_epoch_and_needs_a_measured_batch():
+    s = DiveBatch(1, 10, delta=0.75, resize_every=2).bind(10)
+    _epoch(s, 0, [_grads_bound_10()])
+    r = _epoch(s, 1, [_grads_bound_10()])
+    assert r.epoch == 1 and s.resizes == [r] and r.old_lr_scale == 1.0 and r.new_lr_scale == 1.0
+    s = DiveBatch(1, 10, delta=0.75, resize_every=1).bind(10)
+    s.begin_epoch(0)
+    with pytest.raises(RuntimeError, match="received no batch"):
+        s.end_epoch(0)
