@@ -125,3 +125,40 @@ def test_sigma_max_views_kernels_as_out_by_rest():
     assert pl.sigma_max(conv) == {"weight": pytest.approx(math.sqrt(30), rel=1e-14)}
     sigma, u, v = pl.power_iteration(conv.weight, steps=3)
     assert float(sigma) == pytest.approx(math.sqrt(30), rel=1e-12)
+
+
+def test_shrink_perturb_init_adds_a_fresh_initialisation_draw():
+    """theta <- s theta + p theta_new, theta_new = the layers' reset_parameters() under a seed from the generator."""
+    import copy
+
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    reference = copy.deepcopy(m)
+    before = [p.detach().clone() for p in m.parameters()]
+    sp = pl.make_regularizer("shrink_perturb", shrink=0.5, noise=0.3, perturbation="init").bind(m)
+    assert sp.config() == {"name": "shrink_perturb", "shrink": 0.5, "noise": 0.3, "perturbation": "init"}
+    state = torch.get_rng_state()
+    sp.apply(m, torch.Generator().manual_seed(4))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(4)))
+    torch.manual_seed(seed)
+    reference[0].reset_parameters()
+    reference[2].reset_parameters()
+    for p0, p, q in zip(before, m.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), 0.5 * p0 + 0.3 * q.detach(), rtol=0, atol=1e-15)
+    assert pl.ShrinkPerturb().config() == {"name": "shrink_perturb", "shrink": 0.8, "noise": 0.1}
+
+
+def test_shrink_perturb_init_needs_reset_parameters():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return x * self.w
+
+    sp = pl.ShrinkPerturb(perturbation="init").bind(Bare())
+    with pytest.raises(ValueError, match=r"reset_parameters\(\); \['w'\]"):
+        sp.apply(Bare())
+    with pytest.raises(ValueError, match="perturbation must be 'gaussian' or 'init'"):
+        pl.ShrinkPerturb(perturbation="fresh")
