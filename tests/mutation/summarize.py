@@ -42,8 +42,10 @@ def summary(workdir: str, module: str, n: str, seed: str, seconds: str, rev: str
     print(f"   {module}: {killed}/{total} killed ({100 * rate:.1f} %; timeouts count as killed) of "
           f"{len(results)} mutants{' (sample, seed ' + seed + ')' if report['sampled'] else ''}; "
           f"{counts} in {seconds} s")
-    for name in survivors:
-        print(f"   survived: {name}   (cd {wd} && mutmut show {name})")
+    if survivors:
+        print(f"   not killed ({len(survivors)}; see one with: cd {wd} && mutmut show NAME):")
+        for name in survivors:
+            print(f"     {name}")
 
 
 if __name__ == "__main__":
