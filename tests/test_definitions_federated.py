@@ -300,3 +300,32 @@ def test_fedprox_client_step_adds_mu_times_distance():
 
     one, plain, prox = deltas(1, 0.0), deltas(2, 0.0), deltas(2, mu)
     torch.testing.assert_close(prox, plain - lr * mu * one, rtol=1e-12, atol=1e-14)
+
+
+def test_away_step_by_hand():
+    """G = diag(1, 1, 100) at lam = (0.45, 0.45, 0.1): G lam = (0.45, 0.45, 10), f = 1.405, FW slope -0.955, away
+    slope (from the support's worst vertex s = 2) 10 - 1.405 = 8.595 is larger: away step lam + g (lam - e_2),
+    g = min((b - f)/(f - 2b + c), lam_s/(1 - lam_s)) with b = 10, c = 100."""
+    G = np.diag([1.0, 1.0, 100.0])
+    lam0 = np.array([0.45, 0.45, 0.1])
+    lam, info = fed.min_norm_solve(G, method="away", init=lam0, max_iter=1, tol=0.0)
+    f, b, c = 1.405, 10.0, 100.0
+    g = min((b - f) / (f - 2 * b + c), 0.1 / 0.9)
+    expected = (1 + g) * lam0
+    expected[2] -= g
+    np.testing.assert_allclose(lam, expected, rtol=0, atol=1e-14)
+    assert g == pytest.approx(8.595 / 81.405, abs=1e-15)
+
+
+def test_min_norm_weights_of_scalars():
+    """1-D input: n scalars. The hull of {2, -1} contains 0 at lam = (1/3, 2/3)."""
+    lam = fed.min_norm_weights(torch.tensor([2.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(lam, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_as_many_clients_as_samples_is_allowed():
+    x = torch.arange(4.0, dtype=torch.float64).reshape(4, 1)
+    y = torch.tensor([0, 1, 0, 1])
+    part = [torch.tensor([i]) for i in range(4)]
+    f = fed.Federation(mlp(1, 2, 2, 2, seed=0).double(), InMemoryData(x, y), part, fed.LocalWork(lr=0.1, batch_size=1))
+    assert f.n_clients == 4
