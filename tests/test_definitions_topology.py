@@ -189,3 +189,20 @@ def test_check_doubly_stochastic_tolerance():
     W[0, 0] += 1e-9
     with pytest.raises(ValueError, match="row 0 sums to"):
         check_doubly_stochastic(W)
+
+
+def test_names_repr_and_messages():
+    assert [t.name for t in (ring(4), exponential(4), one_peer_exponential(4), complete(4), star(4), grid(4), torus(4))] == [
+        "ring", "exponential", "one_peer_exponential", "complete", "star", "grid", "torus"]
+    assert repr(ring(4)).startswith("Topology('ring', K=4, static,")
+    assert "period 2, relabelled every step" in repr(shuffled(one_peer_exponential(4)))
+    assert "period 2," in repr(one_peer_exponential(4)) and "relabelled" not in repr(one_peer_exponential(4))
+    from gradiv_lib.workers.topology import random_graph
+    torch.testing.assert_close(random_graph(5, p=1.0).matrix(), complete(5).matrix(), rtol=0, atol=1e-15)  # p = 1: complete
+    assert random_graph(5, p=1.0).name == "random(p=1)"
+    with pytest.raises(ValueError, match=r"entry \(1, 0\) = -0.1 is negative"):
+        check_doubly_stochastic(np.array([[1.0, 0.0, 0.0], [-0.1, 1.1, 0.0], [0.1, -0.1, 1.0]]))
+    with pytest.raises(ValueError, match="n_workers must be an integer >= 1, got True"):
+        ring(True)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) holds 6 workers, but n_workers = 4"):
+        grid(4, shape=(2, 3))
