@@ -203,3 +203,9 @@ def test_average_direction_sam_odd_samples_and_deviations_by_hand():
     torch.randn(3, 3, generator=gen, dtype=torch.float64)
     eps2 = torch.randn(3, 3, generator=gen, dtype=torch.float64) @ D / math.sqrt(3)
     torch.testing.assert_close(model.w.detach(), w1 - 0.1 * ((w1 + eps2) ** 3).mean(0), rtol=0, atol=1e-14)
+
+
+def test_top_eigenvalue_of_a_zero_hessian():
+    r = hessian_top_eigenvalue(Quadratic(torch.zeros(3, 3), [1.0, 2.0, 3.0]), _mean, X, Y, iters=10)
+    assert r.eigenvalue == 0.0 and r.converged is True and r.iterations == 1
+    assert float(r.eigenvector.norm()) == pytest.approx(1.0, abs=1e-15)
