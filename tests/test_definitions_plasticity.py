@@ -162,3 +162,30 @@ def test_shrink_perturb_init_needs_reset_parameters():
         sp.apply(Bare())
     with pytest.raises(ValueError, match="perturbation must be 'gaussian' or 'init'"):
         pl.ShrinkPerturb(perturbation="fresh")
+
+
+def test_train_continual_applies_the_penalty_and_the_task_boundaries():
+    """The penalty enters every training step; task_boundary runs before every task but the first; metrics are
+    recorded (dormant fraction and diversity are numbers, not nan)."""
+    from gradiv_lib import data, models
+
+    class Recording(pl.L2):
+        def __init__(self):
+            super().__init__(1e-3)
+            self.penalties, self.boundaries = 0, []
+
+        def penalty(self, model):
+            self.penalties += 1
+            return super().penalty(model)
+
+        def task_boundary(self, model, task, generator=None):
+            self.boundaries.append(task)
+
+    g = torch.Generator().manual_seed(0)
+    tasks = data.random_label_tasks((torch.randn(24, 8, generator=g), torch.randint(4, (24,), generator=g)), 3, seed=0)
+    reg = Recording()
+    h = pl.train_continual(models.mlp(8, 8, 2, 4, seed=0), tasks, regularizer=reg, epochs_per_task=2, lr=1e-2,
+                           batch_size=8)
+    assert reg.boundaries == [1, 2]
+    assert reg.penalties == 3 * 2 * 3  # tasks x epochs x batches of 8 out of 24
+    assert all(math.isfinite(v) for v in h.dormant + h.diversity_start + h.diversity_end)
