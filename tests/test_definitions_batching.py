@@ -132,9 +132,9 @@ def test_noise_scale_rule_by_hand():
     δ = 35: 17.5 -> floor 17 (round/ceil: 18)."""
     s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=1, window=2, beta=0.0).bind(1000)
     s.begin_epoch(0)
-    for v in ([3.0, 1.0], [3.0, -1.0]):
-        s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64))
+    s.observe(n=2, grad=torch.tensor([3.0, 1.0], dtype=torch.float64))
     s.observe(n=1, grad=torch.tensor([100.0, 100.0], dtype=torch.float64))  # ragged batch: ignored
+    s.observe(n=2, grad=torch.tensor([3.0, -1.0], dtype=torch.float64))
     r = s.end_epoch(0)
     assert s.estimator.updates == 1
     assert s.estimator.b_simple == 0.5
@@ -181,3 +181,37 @@ def test_divebatch_resize_records_its_epoch_and_needs_a_measured_batch():
     s.begin_epoch(0)
     with pytest.raises(RuntimeError, match="received no batch"):
         s.end_epoch(0)
+
+
+def test_noise_scale_sum_reduction_across_a_resize():
+    """B_simple is scale-free within one batch size, so the 1/n of grad_reduction="sum" only shows when the EMA
+    mixes two batch sizes: sum and mean inputs must give the same estimator state after a resize."""
+    states = []
+    for reduction in ("mean", "sum"):
+        s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=1, window=2, beta=0.5).bind(1000)
+        for e, rows in enumerate(([[3.0, 1.0], [3.0, -1.0]], [[1.0, 2.0], [2.0, 1.0]])):
+            s.begin_epoch(e)
+            for v in rows:
+                g = torch.tensor(v, dtype=torch.float64)
+                s.observe(n=s.batch_size, grad=g * s.batch_size if reduction == "sum" else g, grad_reduction=reduction)
+            s.end_epoch(e)
+        states.append((s.estimator.b_simple, s.batch_size, list(s.estimates)))
+    assert len(states[0][2]) == 2 and states[0] == states[1]
+
+
+def test_noise_scale_min_batch_size_and_state_round_trip():
+    s = NoiseScaleBatch(2, 64, delta=1.0, resize_every=1, window=2, beta=0.0, min_batch_size=20).bind(1000)
+    s.begin_epoch(0)
+    for v in ([3.0, 1.0], [3.0, -1.0]):
+        s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64))
+    assert s.end_epoch(0).new_batch_size == 20  # floor(1 * 0.5) = 0 -> never shrinks -> lifted to B_min
+    t = NoiseScaleBatch(2, 64, delta=1.0, resize_every=1, window=2, beta=0.0, min_batch_size=20).bind(1000)
+    t.load_state_dict(s.state_dict())
+    assert t.estimates == [(0, 0.5)] and t.batch_size == 20 and t.estimator.b_simple == 0.5
+
+
+def test_no_epoch_before_begin_epoch():
+    s = DiveBatch(1, 10, resize_every=2).bind(10)
+    assert s.epoch == -1 and not s.needs_diversity
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0, got True"):
+        s.begin_epoch(True)
