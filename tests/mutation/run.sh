@@ -11,18 +11,21 @@
 # to test in full. --rev takes gradiv_lib and the tests from a git revision instead of the working tree (to
 # measure a "before"). The summary (killed / timeout / survived / no tests, kill rate) is printed and written
 # to DIR/<module>/summary.json; the surviving mutants are listed with `mutmut show NAME` hints.
+# --paired-with BEFORE_DIR (after a --sample run into another DIR) also checks every mutant that the earlier run
+# (e.g. --rev of the base commit) checked in functions that did not change, and prints the paired kill rates.
 # Not part of CI: it takes minutes per module.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-python}"
-module="default"; sample=0; seed=0; rev=""; workdir="${TMPDIR:-/tmp}/gradiv-mutation"
+module="default"; paired=""; sample=0; seed=0; rev=""; workdir="${TMPDIR:-/tmp}/gradiv-mutation"
 while [ $# -gt 0 ]; do
   case "$1" in
     --sample) sample="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
     --rev) rev="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
+    --paired-with) paired="$2"; shift 2 ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) module="$1"; shift ;;
   esac
@@ -73,5 +76,10 @@ for m in "$@"; do
     "$mutmut" run --max-children 1 > run.log 2>&1 || true
   fi
   "$python" "$here/summarize.py" summary "$dir" "$m" "$sample" "$seed" "$(( $(date +%s) - start ))" "${rev:-worktree}"
+  if [ -n "$paired" ] && [ -d "$paired/$m/mutants" ]; then
+    names="$("$python" "$here/summarize.py" paired "$paired/$m" "$dir")"
+    [ -z "$names" ] || "$mutmut" run --max-children 1 $names > paired.log 2>&1 || true
+    "$python" "$here/summarize.py" paired-summary "$paired/$m" "$dir" "$m"
+  fi
   cd "$root"
 done

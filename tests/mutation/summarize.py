@@ -24,6 +24,44 @@ def sample(workdir: str, n: str, seed: str) -> None:
     print(" ".join(chosen))
 
 
+def _hashes(workdir: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for meta in sorted((workdir / "mutants").rglob("*.meta")):
+        module = str(meta.relative_to(workdir / "mutants"))[: -len(".py.meta")].replace("/", ".")
+        out.update({f"{module}.{k}": v for k, v in json.loads(meta.read_text())["hash_by_function_name"].items()})
+    return out
+
+
+def _paired_names(before: Path, after: Path) -> list[str]:
+    """Mutants checked in the ``before`` run whose function is unchanged in ``after`` (same mutmut hash, so the
+    same mutant number is the same mutation)."""
+    hb, ha = _hashes(before), _hashes(after)
+    checked = [k for k, v in _results(before).items() if v is not None]
+    return sorted(k for k in checked if hb.get(k.split("__mutmut_")[0]) is not None
+                  and hb.get(k.split("__mutmut_")[0]) == ha.get(k.split("__mutmut_")[0]))
+
+
+def paired(before: str, after: str) -> None:
+    """Names to run in ``after`` for a paired comparison with ``before`` (the ones not yet checked there)."""
+    done = _results(Path(after))
+    print(" ".join(k for k in _paired_names(Path(before), Path(after)) if done.get(k) is None))
+
+
+def paired_summary(before: str, after: str, module: str) -> None:
+    names = _paired_names(Path(before), Path(after))
+    rb, ra = _results(Path(before)), _results(Path(after))
+    def rate(r):
+        st = [status_by_exit_code[r[k]] for k in names if r.get(k) is not None]
+        return sum(s in ("killed", "timeout") for s in st), len(st)
+    (kb, nb), (ka, na) = rate(rb), rate(ra)
+    newly = sorted(k for k in names if ra.get(k) is not None and status_by_exit_code[rb[k]] not in ("killed", "timeout")
+                   and status_by_exit_code[ra[k]] in ("killed", "timeout"))
+    print(f"   {module} (paired, the same {len(names)} mutants of unchanged functions): before {kb}/{nb} "
+          f"({100 * kb / max(nb, 1):.1f} %), after {ka}/{na} ({100 * ka / max(na, 1):.1f} %); newly killed: {len(newly)}")
+    for k in newly:
+        print(f"     {k}")
+
+
 def summary(workdir: str, module: str, n: str, seed: str, seconds: str, rev: str) -> None:
     wd = Path(workdir)
     results = _results(wd)
@@ -49,4 +87,4 @@ def summary(workdir: str, module: str, n: str, seed: str, seconds: str, rev: str
 
 
 if __name__ == "__main__":
-    {"sample": sample, "summary": summary}[sys.argv[1]](*sys.argv[2:])
+    {"sample": sample, "summary": summary, "paired": paired, "paired-summary": paired_summary}[sys.argv[1]](*sys.argv[2:])
