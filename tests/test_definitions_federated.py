@@ -181,13 +181,37 @@ def test_official_defaults_are_1000_steps_and_1e5():
 
 
 def test_fedaware_server_with_the_official_solver_never_warm_starts():
-    x = torch.zeros(2, dtype=torch.float64)
-    s = fed.FedAWARE(x, 3, alpha=0.5, method="official")
-    U = torch.tensor([[2.0, 0.0], [0.0, 5.0], [3.0, 3.0]], dtype=torch.float64)
-    s.aggregate(0, [0, 1, 2], U, [1, 1, 1])
-    s.aggregate(1, [0, 1, 2], U, [1, 1, 1])
-    expected = torch.from_numpy(_official_transcription(U.numpy() / U.norm(dim=1, keepdim=True).numpy()))
-    torch.testing.assert_close(s.last_weights, expected, rtol=0, atol=1e-12)
+    """Six clients whose official and exact weights differ by 0.028 (l1): the server must use the official solver,
+    from the best pair every round (a warm start from last round's weights would change the answer)."""
+    V = np.random.default_rng(0).standard_normal((6, 5))
+    x = torch.zeros(5, dtype=torch.float64)
+    s = fed.FedAWARE(x, 6, alpha=0.5, method="official")
+    U = torch.from_numpy(V)
+    assert s.aggregate(0, list(range(6)), U, [1] * 6) is s.params
+    s.aggregate(1, list(range(6)), U, [1] * 6)
+    expected = _official_transcription(V / np.linalg.norm(V, axis=1, keepdims=True))
+    torch.testing.assert_close(s.last_weights, torch.from_numpy(expected), rtol=0, atol=1e-12)
+    exact = fed.min_norm_weights(U, normalize=True).numpy()
+    assert np.abs(expected - exact).sum() > 0.02
+
+
+def test_min_norm_weights_passes_the_solver_options():
+    V = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(fed.min_norm_weights(V, method="official", tol=0.7),
+                               torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(fed.min_norm_weights(V, method="official", max_iter=0),
+                               torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_stopping_rules_of_fw_and_wolfe():
+    # relative gap: at e_0 of I_3 the gap is 1 = tol * f, so FW stops at once
+    lam, info = fed.min_norm_solve(np.eye(3), method="fw", init=[1.0, 0.0, 0.0], tol=1.0)
+    assert lam.tolist() == [1.0, 0.0, 0.0] and info["iterations"] == 0
+    # Wolfe starts at the vertex of smallest norm (G3: index 2) and respects max_iter
+    lam, info = fed.min_norm_solve(G3, method="wolfe", max_iter=0)
+    assert lam.tolist() == [0.0, 0.0, 1.0] and info["iterations"] == 0
+    lam, info = fed.min_norm_solve(G3, method="wolfe", max_iter=1)
+    assert info["iterations"] == 1
 
 
 # ------------------------------------------------------------------------------------------ servers
@@ -329,3 +353,32 @@ def test_as_many_clients_as_samples_is_allowed():
     part = [torch.tensor([i]) for i in range(4)]
     f = fed.Federation(mlp(1, 2, 2, 2, seed=0).double(), InMemoryData(x, y), part, fed.LocalWork(lr=0.1, batch_size=1))
     assert f.n_clients == 4
+
+
+def test_fedaware_state_and_exploration_bookkeeping():
+    s = fed.FedAWARE(torch.zeros(2, dtype=torch.float64), 3, alpha=0.5)
+    s.aggregate(0, [0, 1], UPD, W13)
+    assert s.last_solver == {} and s.lam is None
+    t = fed.FedAWARE(torch.zeros(2, dtype=torch.float64), 3, alpha=0.5)
+    t.load_state_dict(s.state_dict())
+    assert t.lam is None and t.seen.tolist() == [True, True, False]
+    torch.testing.assert_close(t.memory, s.memory, rtol=0, atol=0)
+
+
+def test_stacked_clients_use_each_samples_own_label():
+    """Stacked and loop backends agree when sample 0's label differs from sample 1's (index padding must not
+    shift real indices)."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    f = fed.Federation(mlp(2, 3, 2, 2, seed=0).double(), InMemoryData(x, y), [torch.tensor([0, 2]), torch.tensor([1, 3])],
+                       fed.LocalWork(lr=0.5, batch_size=2, steps=2), seed=0)
+    a, _ = f.local_updates(f.initial_params(), [0, 1], 0)
+    b, _ = f.local_updates(f.initial_params(), [0, 1], 0, backend="loop")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_local_batch_size_upper_none_is_shard_minus_one():
+    work = fed.LocalWork(batch_size=(8, None))
+    rng = np.random.default_rng(0)
+    sizes = {work.draw(rng, 10)[0] for _ in range(60)}
+    assert sizes == {8, 9}
