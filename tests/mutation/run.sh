@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of one module (or all) against its own tests, with mutmut 3 (pip install mutmut).
 #
-#   bash tests/mutation/run.sh [MODULE|all] [--sample N] [--seed S] [--rev GIT_REV] [--workdir DIR]
+#   bash tests/mutation/run.sh [MODULE...|all] [--sample N] [--seed S] [--rev GIT_REV] [--workdir DIR]
 #
 # MODULE is a name of tests/mutation/modules.txt (batching, federated, topology, sharpness, plasticity, norms;
 # default: all but norms). Each module runs in its own scratch copy (DIR/<module>, default
@@ -18,7 +18,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-python}"
-module="default"; paired=""; sample=0; seed=0; rev=""; workdir="${TMPDIR:-/tmp}/gradiv-mutation"
+paired=""; sample=0; seed=0; rev=""; workdir="${TMPDIR:-/tmp}/gradiv-mutation"
 while [ $# -gt 0 ]; do
   case "$1" in
     --sample) sample="$2"; shift 2 ;;
@@ -27,14 +27,15 @@ while [ $# -gt 0 ]; do
     --workdir) workdir="$2"; shift 2 ;;
     --paired-with) paired="$2"; shift 2 ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) module="$1"; shift ;;
+    *) modules_given="${modules_given:-} $1"; shift ;;
   esac
 done
 mutmut="$("$python" -c 'import shutil, sys, os; print(os.path.join(os.path.dirname(sys.executable), "mutmut"))')"
 [ -x "$mutmut" ] || { echo "mutmut not found next to $python: pip install mutmut" >&2; exit 2; }
 
 modules() { grep -v '^#' "$here/modules.txt" | awk 'NF {print $1}'; }
-if [ "$module" = "default" ]; then set -- $(modules | grep -v '^norms$'); elif [ "$module" = "all" ]; then set -- $(modules); else set -- "$module"; fi
+modules_given="$(echo ${modules_given:-})"
+if [ -z "$modules_given" ]; then set -- $(modules | grep -v '^norms$'); elif [ "$modules_given" = "all" ]; then set -- $(modules); else set -- $modules_given; fi
 
 for m in "$@"; do
   line="$(grep -v '^#' "$here/modules.txt" | awk -v m="$m" '$1 == m')"
