@@ -206,3 +206,13 @@ def test_names_repr_and_messages():
         ring(True)
     with pytest.raises(ValueError, match=r"shape \(2, 3\) holds 6 workers, but n_workers = 4"):
         grid(4, shape=(2, 3))
+
+
+def test_topology_stores_validated_float64_matrices_and_degrees():
+    from gradiv_lib.workers.topology import Topology, random_graph
+    t = Topology("x", (torch.full((2, 2), 0.5, dtype=torch.float32),))
+    assert t.matrices[0].dtype == torch.float64 and t.matrix(0).dtype == torch.float64
+    assert ring(5).max_degree() == 2 and star(5).max_degree() == 4 and exponential(6).max_degree() == 3
+    assert one_peer_exponential(8).max_degree() == 1
+    with pytest.raises(ValueError, match="p must be an edge probability in"):
+        random_graph(4, p=True)
