@@ -209,3 +209,18 @@ def test_top_eigenvalue_of_a_zero_hessian():
     r = hessian_top_eigenvalue(Quadratic(torch.zeros(3, 3), [1.0, 2.0, 3.0]), _mean, X, Y, iters=10)
     assert r.eigenvalue == 0.0 and r.converged is True and r.iterations == 1
     assert float(r.eigenvector.norm()) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_top_eigenvalue_start_vector_comes_from_the_seed_not_the_global_rng():
+    model = Quadratic(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), [1.0, 0.0])
+    torch.manual_seed(1)
+    a = hessian_top_eigenvalue(model, _mean, X, Y, iters=3, tol=1e-15, seed=5)
+    torch.manual_seed(2)
+    b = hessian_top_eigenvalue(model, _mean, X, Y, iters=3, tol=1e-15, seed=5)
+    assert a.eigenvalue == b.eigenvalue and torch.equal(a.eigenvector, b.eigenvector)
+    v = torch.randn(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    H = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    v = v / v.norm()
+    for _ in range(2):  # the Rayleigh quotient of the third iterate is the third estimate
+        v = H @ v / (H @ v).norm()
+    assert a.eigenvalue == pytest.approx(float(v @ H @ v), abs=1e-14)
