@@ -189,3 +189,36 @@ def test_train_continual_applies_the_penalty_and_the_task_boundaries():
     assert reg.boundaries == [1, 2]
     assert reg.penalties == 3 * 2 * 3  # tasks x epochs x batches of 8 out of 24
     assert all(math.isfinite(v) for v in h.dormant + h.diversity_start + h.diversity_end)
+
+
+def test_running_training_accuracy_by_hand():
+    """With a frozen model (SGD, lr 0) the running accuracy of an epoch is the accuracy on the task."""
+    from gradiv_lib import data, models
+
+    g = torch.Generator().manual_seed(1)
+    d = data.InMemoryData(torch.randn(20, 8, generator=g), torch.randint(4, (20,), generator=g))
+    model = models.mlp(8, 8, 2, 4, seed=0)
+    with torch.no_grad():
+        expected = float((model(d.x).argmax(1) == d.y).double().mean())
+    accs = pl._train_steps(model, torch.optim.SGD(model.parameters(), lr=0.0), d, epochs=2, batch_size=6,
+                           loss_fn=nn.CrossEntropyLoss(), regularizer=None, generator=torch.Generator().manual_seed(0))
+    assert accs == [expected, expected] and pl.task_accuracy(model, d) == pytest.approx(expected, abs=1e-12)
+
+
+def test_history_round_trip_is_a_deep_copy_and_rejects_unknown_fields():
+    h = pl.ContinualHistory()
+    h.end_accuracy.append(0.5)
+    d = h.to_dict()
+    d["end_accuracy"].append(1.0)
+    assert h.end_accuracy == [0.5]
+    with pytest.raises(ValueError, match=r"unknown ContinualHistory fields \['bogus'\]"):
+        pl.ContinualHistory.from_dict({**h.to_dict(), "bogus": 1})
+
+
+def test_measure_false_records_nan_diversity():
+    from gradiv_lib import data, models
+
+    g = torch.Generator().manual_seed(0)
+    tasks = data.random_label_tasks((torch.randn(16, 8, generator=g), torch.randint(4, (16,), generator=g)), 2, seed=0)
+    h = pl.train_continual(models.mlp(8, 8, 2, 4, seed=0), tasks, epochs_per_task=1, batch_size=8, measure=False)
+    assert all(math.isnan(v) for v in h.diversity_start + h.diversity_end)
