@@ -382,3 +382,12 @@ def test_local_batch_size_upper_none_is_shard_minus_one():
     rng = np.random.default_rng(0)
     sizes = {work.draw(rng, 10)[0] for _ in range(60)}
     assert sizes == {8, 9}
+
+
+def test_fedaware_alpha_one_keeps_only_the_last_update_and_state_sizes_are_checked():
+    s = fed.FedAWARE(torch.zeros(2, dtype=torch.float64), 2, alpha=1.0)  # alpha in (0, 1]: 1 is allowed
+    s.aggregate(0, [0, 1], UPD, W13)
+    s.aggregate(1, [0], torch.tensor([[7.0, 8.0]], dtype=torch.float64), [1])
+    assert s.memory[0].tolist() == [7.0, 8.0] and s.memory[1].tolist() == [3.0, 4.0]
+    with pytest.raises(ValueError, match="state holds 2 clients x \\(2,\\) parameters, this server 3 x \\(2,\\)"):
+        fed.FedAWARE(torch.zeros(2, dtype=torch.float64), 3).load_state_dict(s.state_dict())
