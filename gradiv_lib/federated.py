@@ -88,16 +88,69 @@ def _check_real(value: Any, name: str, lo: float, hi: float = math.inf, lo_open:
 
 
 #: Min-norm solvers of :func:`min_norm_solve`.
-MIN_NORM_METHODS: tuple[str, ...] = ("wolfe", "away", "fw")
+MIN_NORM_METHODS: tuple[str, ...] = ("wolfe", "away", "fw", "official")
+
+#: The official solver's constants (``MinNormSolver`` of FedAWARE's ``min_norm_solvers.py``, from
+#: isl-org/MultiObjectiveOptimization): iteration cap and stop on :math:`\lVert\Delta\lambda\rVert_1`.
+OFFICIAL_MAX_ITER = 1000
+OFFICIAL_STOP_CRIT = 1e-5
 
 
-def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter: int = 10000, tol: float = 1e-6,
+def _official_from2(v1v1: float, v1v2: float, v2v2: float) -> tuple[float, float]:
+    r"""The official two-point rule: weight ``c`` of :math:`x_1` in :math:`\min_c\lVert cx_1+(1-c)x_2\rVert^2`
+    and its cost, with the boundary cases clipped to 0.999 / 0.001 (not 1 / 0)."""
+    if v1v2 >= v1v1:
+        return 0.999, v1v1
+    if v1v2 >= v2v2:
+        return 0.001, v2v2
+    gamma = -1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2))
+    return gamma, v2v2 + gamma * (v1v2 - v2v2)
+
+
+def _official(G: np.ndarray, max_iter: int, stop: float) -> tuple[np.ndarray, dict[str, float]]:
+    n = G.shape[0]
+    lam = np.zeros(n)
+    it = 0
+    if n == 1:
+        lam[0] = 1.0
+    else:
+        dmin, best = math.inf, (0, 1, 0.5)
+        for i in range(n):  # best pair, first one wins ties (strict <), as in _min_norm_2d
+            for j in range(i + 1, n):
+                c, d = _official_from2(G[i, i], G[i, j], G[j, j])
+                if d < dmin:
+                    dmin, best = d, (i, j, c)
+        i, j, c = best
+        lam[i], lam[j] = c, 1 - c
+        if n >= 3:  # n = 2: the pair is the answer
+            while it < max_iter:
+                Gl = G @ lam
+                t = int(np.argmin(Gl))
+                nc, _ = _official_from2(float(lam @ Gl), float(lam @ G[:, t]), float(G[t, t]))
+                new = nc * lam
+                new[t] += 1 - nc
+                if np.abs(new - lam).sum() < stop:
+                    break  # the official code returns the point *before* this last step
+                lam = new
+                it += 1
+    return lam, {"iterations": it, "gap": max(float(lam @ G @ lam - (G @ lam).min()), 0.0), "objective": float(lam @ G @ lam)}
+
+
+def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter: int | None = None,
+                   tol: float | None = None,
                    init: np.ndarray | Tensor | None = None) -> tuple[np.ndarray, dict[str, float]]:
     r"""Minimise :math:`f(\lambda)=\lambda^\top G\lambda` over the simplex by Frank–Wolfe with exact line search.
 
     ``method``:
 
-    * ``"fw"`` — plain Frank–Wolfe, the rule of the MGDA solver that FedAWARE's code uses (below);
+    * ``"official"`` — exactly the solver of FedAWARE's official code (``MinNormSolver.find_min_norm_element_FW``):
+      start at the best pair by the two-point rule with the boundary weights clipped to 0.999 / 0.001, then
+      Frank–Wolfe steps :math:`\lambda\leftarrow c\lambda + (1-c)e_t` with :math:`c` from the same clipped
+      two-point rule (so even a step that cannot descend moves 0.001 towards :math:`e_t`), stopping when
+      :math:`\lVert\Delta\lambda\rVert_1 <` ``tol`` (default :data:`OFFICIAL_STOP_CRIT` = 1e-5, returning the point
+      before that step) or after ``max_iter`` steps (default :data:`OFFICIAL_MAX_ITER` = 1000); no warm start.
+      It is an approximation (weights never reach exactly 0 or 1 at the first steps); use it to reproduce the paper;
+    * ``"fw"`` — plain Frank–Wolfe with the *exact* (unclipped) line search and the gap stop below;
     * ``"away"`` — Frank–Wolfe with away steps (linear convergence, but slow when :math:`G` is ill conditioned);
     * ``"wolfe"`` (default) — Wolfe's min-norm-point algorithm (1976): the same Frank–Wolfe vertex choice, then a
       *fully corrective* step, the exact minimiser of :math:`f` over the affine hull of the current support,
@@ -108,7 +161,7 @@ def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter
     at ``init`` (a warm start, e.g. last round's weights), then at every iteration move towards the vertex
     :math:`e_t`, :math:`t = \arg\min_i (G\lambda)_i`, with the exact step
     :math:`\gamma = \operatorname{clip}\big((a-b)/(a-2b+c), 0, 1\big)`, :math:`a=\lambda^\top G\lambda`,
-    :math:`b=(G\lambda)_t`, :math:`c = G_{tt}` (the rule of the MGDA solver that FedAWARE's code uses). Plain
+    :math:`b=(G\lambda)_t`, :math:`c = G_{tt}` (the official two-point rule without its 0.999/0.001 clipping). Plain
     Frank–Wolfe converges like :math:`O(1/k)` and crawls when the optimum lies inside a face; with ``away_steps``
     an away step (away from the worst vertex of the support, also with exact line search) is taken whenever it
     promises more descent, which converges linearly on the simplex.
@@ -123,6 +176,11 @@ def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter
         ``lam`` float64 array ``(n,)`` on the simplex; ``info`` with ``"iterations"``, ``"gap"`` (at ``lam``) and
         ``"objective"``.
     """
+    official = method == "official"
+    if max_iter is None:
+        max_iter = OFFICIAL_MAX_ITER if official else 10000
+    if tol is None:
+        tol = OFFICIAL_STOP_CRIT if official else 1e-6
     G = gram.detach().cpu().double().numpy() if isinstance(gram, Tensor) else np.asarray(gram, dtype=np.float64)
     if G.ndim != 2 or G.shape[0] != G.shape[1] or G.shape[0] == 0:
         raise ValueError(f"gram must be a square (n, n) matrix with n >= 1, got shape {G.shape}")
@@ -137,6 +195,11 @@ def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter
     n = G.shape[0]
     if method == "wolfe":
         return _wolfe(G, max_iter, tol, init)
+    if official:
+        if init is not None:
+            raise ValueError("method='official' has no warm start (the official solver always starts at the best pair); "
+                             "pass init=None")
+        return _official(G, max_iter, tol)
     away_steps = method == "away"
     if init is not None:
         lam = (init.detach().cpu().double().numpy() if isinstance(init, Tensor) else np.asarray(init, dtype=np.float64)).copy()
@@ -259,7 +322,7 @@ def _wolfe(G: np.ndarray, max_iter: int, tol: float, init: Any) -> tuple[np.ndar
 
 
 def min_norm_weights(vectors: Tensor | None = None, *, gram: Tensor | None = None, normalize: bool = False,
-                     method: str = "wolfe", max_iter: int = 10000, tol: float = 1e-6) -> Tensor:
+                     method: str = "wolfe", max_iter: int | None = None, tol: float | None = None) -> Tensor:
     r"""Weights :math:`\lambda^\star\in\Delta_n` of the min-norm point :math:`\sum_i\lambda_iv_i` of the convex hull
     of ``vectors`` ``(n, ...)`` (or of the Gram matrix ``gram``), by :func:`min_norm_solve`.
 
@@ -505,12 +568,19 @@ class FedAWARE(Server):
         ``"fedavg"`` (the official rule above); ``"include"`` solves over all memories from the first round, zero
         rows included — the pitfall, kept to show what happens: :math:`\lambda^\star` collapses onto a zero row
         and :math:`d\approx0`.
+    method, max_iter, tol : optional
+        The min-norm solver of :func:`min_norm_solve`: ``"wolfe"`` (default, the exact minimiser) or
+        ``"official"`` (the official code's clipped Frank–Wolfe, 1000 steps, stop at
+        :math:`\lVert\Delta\lambda\rVert_1<10^{-5}`, never warm-started) to reproduce the paper.
+    warm_start : bool
+        Start the solver from last round's weights (not with ``method="official"``).
     """
 
     name = "fedaware"
 
     def __init__(self, params: Tensor, n_clients: int, lr: float = 1.0, alpha: float = 0.5, unseen: str = "fedavg",
-                 method: str = "wolfe", max_iter: int = 10000, tol: float = 1e-6, warm_start: bool = True) -> None:
+                 method: str = "wolfe", max_iter: int | None = None, tol: float | None = None,
+                 warm_start: bool = True) -> None:
         super().__init__(params, n_clients, lr)
         self.alpha = _check_real(alpha, "alpha", 0.0, 1.0, lo_open=True, hi_open=False)
         if unseen not in ("fedavg", "include"):
@@ -537,7 +607,7 @@ class FedAWARE(Server):
             self.last_solver = {}
             return self._step(self._weighted_mean(ids, up, p))
         U = _normalize_rows(self.memory.double())
-        init = self.lam if (self.warm_start and self.lam is not None) else None
+        init = self.lam if (self.warm_start and self.lam is not None and self.method != "official") else None
         lam, info = min_norm_solve(U @ U.T, method=self.method, max_iter=self.max_iter, tol=self.tol, init=init)
         self.last_solver = info
         lam_t = torch.from_numpy(lam)

@@ -54,7 +54,8 @@ from .data import InMemoryData, Task, label_permutation_tasks, permuted_tasks, r
 
 __all__ = [
     "CHECKPOINT_FORMAT", "REGULARIZERS", "STREAMS", "ContinualHistory", "L2", "L2Init", "NoRegularizer", "Regularizer",
-    "ShrinkPerturb", "Spectral", "WassersteinInit", "as_tasks", "dormant_fraction", "effective_rank", "hidden_features",
+    "ShrinkPerturb", "Spectral", "WassersteinInit", "as_tasks", "dormant_fraction", "effective_rank", "fresh_init",
+    "hidden_features",
     "compact_history", "make_regularizer", "make_tasks", "run_experiment", "plasticity", "power_iteration", "sigma_max", "task_accuracy", "train_continual",
 ]
 
@@ -370,6 +371,30 @@ class Spectral(Regularizer):
         return total
 
 
+@torch.no_grad()
+def fresh_init(model: nn.Module, generator: torch.Generator | None = None) -> list[Tensor]:
+    """A fresh initialisation draw of ``model``'s trainable parameters (in ``named_parameters`` order): a copy of
+    the model whose modules run their own ``reset_parameters()`` under a seed drawn from ``generator`` (the
+    global RNG is left as it was). Raises if a trainable parameter belongs to a module without one."""
+    _check_model(model)
+    fresh = copy.deepcopy(model)
+    owners = {}
+    for module in fresh.modules():
+        for name, p in module.named_parameters(recurse=False):
+            owners[id(p)] = module
+    missing = [n for n, p in fresh.named_parameters() if p.requires_grad and not hasattr(owners[id(p)], "reset_parameters")]
+    if missing:
+        raise ValueError(f"perturbation='init' needs every trainable parameter in a module with reset_parameters(); "
+                         f"{missing} are not")
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            if any(True for _ in module.parameters(recurse=False)) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return [p.detach() for p in fresh.parameters() if p.requires_grad]
+
+
 class ShrinkPerturb(Regularizer):
     """Shrink and perturb (Ash & Adams, 2020) at task boundaries, as a baseline; no penalty.
 
@@ -379,24 +404,37 @@ class ShrinkPerturb(Regularizer):
     :math:`\\mathrm{std}(\\theta^0_l)` the standard deviation of tensor :math:`l`'s initial entries (so
     the noise is on the initialisation's scale; zero-initialised tensors get no noise).
 
+    With ``perturbation="init"`` the noise is instead a fresh initialisation draw, as in Ash & Adams:
+    :math:`\\theta\\leftarrow s\\,\\theta + p\\,\\theta^{\\text{new}}`, where :math:`\\theta^{\\text{new}}` is a copy of
+    the model whose modules were re-initialised by their own ``reset_parameters()`` (PyTorch's default init of
+    each layer, seeded from the run's generator; every trainable parameter must belong to a module that has one).
+
     Parameters
     ----------
     shrink : float
         :math:`s \\in [0, 1]`.
     noise : float
         :math:`p \\ge 0`.
+    perturbation : ``"gaussian"`` or ``"init"``
+        Scaled Gaussian noise (default) or a fresh initialisation draw.
     """
 
     name = "shrink_perturb"
 
-    def __init__(self, shrink: float = 0.8, noise: float = 0.1) -> None:
+    def __init__(self, shrink: float = 0.8, noise: float = 0.1, perturbation: str = "gaussian") -> None:
         super().__init__(0.0)
         self.shrink = _check_number(shrink, "shrink", maximum=1.0)
         self.noise = _check_number(noise, "noise")
+        if perturbation not in ("gaussian", "init"):
+            raise ValueError(f"perturbation must be 'gaussian' or 'init', got {perturbation!r}")
+        self.perturbation = perturbation
         self._scale: list[float] = []
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "shrink": self.shrink, "noise": self.noise}
+        cfg = {"name": self.name, "shrink": self.shrink, "noise": self.noise}
+        if self.perturbation != "gaussian":  # older checkpoints and histories keep their configuration
+            cfg["perturbation"] = self.perturbation
+        return cfg
 
     def _bind(self, named: list[tuple[str, nn.Parameter]]) -> None:
         self._scale = [float(p.detach().std()) if p.numel() > 1 else 0.0 for _, p in named]
@@ -410,7 +448,13 @@ class ShrinkPerturb(Regularizer):
     @torch.no_grad()
     def apply(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
         """One shrink-and-perturb step on ``model``'s weights, in place."""
-        for (_, p), scale in zip(self._params(model), self._scale):
+        named = self._params(model)
+        if self.perturbation == "init":
+            fresh = fresh_init(model, generator)
+            for (_, p), q in zip(named, fresh):
+                p.mul_(self.shrink).add_(q.to(p), alpha=self.noise)
+            return
+        for (_, p), scale in zip(named, self._scale):
             eps = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
             p.mul_(self.shrink).add_(eps, alpha=self.noise * scale)
 

@@ -153,7 +153,8 @@ def test_shuffled_relabels_every_step_deterministically() -> None:
     torch.testing.assert_close(W0, shuffled(base, seed=1).matrix(0))
     check_doubly_stochastic(W0)
     assert sorted(torch.linalg.eigvalsh(W0).tolist()) == pytest.approx(sorted(torch.linalg.eigvalsh(base.matrix()).tolist()))
-    assert topo.spectral_gap == pytest.approx(base.spectral_gap)
+    # each W_t has the base spectrum, but the relabelled products contract much faster (see spectral_gap)
+    assert topo.spectral_gap > 2 * base.spectral_gap
     with pytest.raises(TypeError, match="Topology"):
         shuffled(np.eye(3))
 

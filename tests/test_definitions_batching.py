@@ -1,0 +1,217 @@
+"""Definitions of the batch-size schedules and learning-rate rules, pinned by hand computation.
+
+Every case is chosen so that a plausible wrong variant of the rule (round or ceil instead of floor, the
+number of batches instead of the number of samples, an off-by-one in the measurement epoch, sqrt instead
+of linear, a missing clamp) gives a different number. Comparisons are exact.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradiv_lib.batching import AdaBatch, DiveBatch, FixedBatch, NoiseScaleBatch, lr_multiplier
+
+
+def _epoch(schedule, epoch, batches):
+    """One epoch of per-sample gradient batches ([n, d] float64), batch-mean gradients as the loop passes them."""
+    schedule.begin_epoch(epoch)
+    for g in batches:
+        if schedule.needs_diversity or schedule.needs_grad:
+            schedule.observe(n=len(g), grad=g.mean(0), sq_norms=g.square().sum(1))
+        else:
+            schedule.observe(n=len(g))
+    return schedule.end_epoch(epoch)
+
+
+def _grads_bound_10() -> torch.Tensor:
+    """10 per-sample gradients (1, ±3): sum of squares 100, squared norm of the sum 100, so B_S = N·Δ = 10 exactly."""
+    g = torch.ones(10, 2, dtype=torch.float64)
+    g[:5, 1], g[5:, 1] = 3.0, -3.0
+    return g
+
+
+def test_lr_multiplier_definitions():
+    # 4 -> 9: linear 9/4, sqrt 3/2; the inverse (4/9) or the square (81/16) would differ
+    assert lr_multiplier("none", 4, 9) == 1.0
+    assert lr_multiplier("linear", 4, 9) == 2.25
+    assert lr_multiplier("sqrt", 4, 9) == 1.5
+
+
+def test_fixed_batch_is_constant():
+    s = FixedBatch(3).bind(10)
+    for e in range(3):
+        assert _epoch(s, e, [_grads_bound_10()[:3]]) is None
+    assert (s.batch_size, s.lr_scale, s.resizes) == (3, 1.0, [])
+
+
+def test_adabatch_factor_three_lands_on_max_with_linear_lr():
+    # factor 3: 2 -> 6 -> 18 -> 20 (the last step lands on B_max); linear lr: 3, 9, 9 * 20/18 = 10
+    s = AdaBatch(2, 20, factor=3, resize_every=2, lr_rule="linear").bind(100)
+    seen = []
+    for e in range(9):
+        r = _epoch(s, e, [])
+        seen.append((s.batch_size, s.lr_scale))
+        if r is not None:
+            assert r.epoch in (1, 3, 5)
+    assert [r.epoch for r in s.resizes] == [1, 3, 5]  # after epochs e with (e+1) % 2 == 0
+    assert [r.new_batch_size for r in s.resizes] == [6, 18, 20]
+    assert [r.new_lr_scale for r in s.resizes] == pytest.approx([3.0, 9.0, 10.0], rel=1e-15)
+    assert s.resizes[2].lr_factor == pytest.approx(20 / 18, rel=1e-15)
+    assert seen[-1] == (20, pytest.approx(10.0, rel=1e-15))
+
+
+def test_adabatch_fixed_lr_factor_multiplies_per_resize():
+    s = AdaBatch(2, 16, resize_every=1, lr_factor=0.75).bind(100)
+    for e in range(4):
+        _epoch(s, e, [])
+    assert [r.new_batch_size for r in s.resizes] == [4, 8, 16]
+    assert s.lr_scale == 0.75 ** 3  # the factor, not a rule of the batch ratio
+
+
+def test_divebatch_rule_is_floor_of_delta_times_n_delta_hat():
+    """B_S = 10 exactly; δ = 0.75 gives 7.5: floor 7 (round and ceil give 8)."""
+    s = DiveBatch(1, 10, delta=0.75, resize_every=1, lr_rule="linear").bind(10)
+    g = _grads_bound_10()
+    r = _epoch(s, 0, [g[:4], g[4:8], g[8:]])  # three batches: N is 10 samples, not 3 batches
+    assert s.last_measurement.batch_size_bound == 10.0
+    assert s.last_measurement.diversity == 1.0
+    assert r.new_batch_size == 7 and r.estimate == 10.0
+    assert r.new_lr_scale == 7.0  # linear rule: 7 / 1
+
+
+def test_divebatch_sqrt_rule_and_cap():
+    s = DiveBatch(1, 10, delta=0.75, resize_every=1, lr_rule="sqrt").bind(10)
+    _epoch(s, 0, [_grads_bound_10()])
+    assert s.lr_scale == math.sqrt(7)
+    capped = DiveBatch(1, 10, delta=0.75, resize_every=1, lr_rule="linear", lr_cap=2.5).bind(10)
+    _epoch(capped, 0, [_grads_bound_10()])
+    assert capped.batch_size == 7 and capped.lr_scale == 2.5
+
+
+def test_divebatch_never_shrinks_and_clamps():
+    # current B = 8 > floor(7.5) = 7: stays at 8 (no resize)
+    s = DiveBatch(8, 10, delta=0.75, resize_every=1).bind(10)
+    assert _epoch(s, 0, [_grads_bound_10()]) is None and s.batch_size == 8
+    # δ B_S = 12 > B_max = 9: clamped to 9
+    s = DiveBatch(1, 9, delta=1.2, resize_every=1).bind(10)
+    assert _epoch(s, 0, [_grads_bound_10()]).new_batch_size == 9
+    # floor(0.25 * 10) = 2 < B_min = 5: lifted to 5
+    s = DiveBatch(1, 10, delta=0.25, resize_every=1, min_batch_size=5).bind(10)
+    assert _epoch(s, 0, [_grads_bound_10()]).new_batch_size == 5
+
+
+def test_divebatch_measures_in_the_epoch_that_ends_each_period():
+    s = DiveBatch(1, 10, delta=0.75, resize_every=3).bind(10)
+    needs = []
+    for e in range(6):
+        s.begin_epoch(e)
+        needs.append(s.needs_diversity)
+        if s.needs_diversity:
+            g = _grads_bound_10()
+            s.observe(n=10, grad=g.mean(0), sq_norms=g.square().sum(1))
+        s.end_epoch(e)
+    assert needs == [False, False, True, False, False, True]
+    assert [e for e, _ in s.measurements] == [2, 5]
+    assert s.batch_size == 7
+
+
+def test_divebatch_sum_reduction_is_not_rescaled_twice():
+    s = DiveBatch(1, 10, delta=0.75, resize_every=1).bind(10)
+    g = _grads_bound_10()
+    s.begin_epoch(0)
+    s.observe(n=10, grad=g.sum(0), sq_norms=g.square().sum(1), grad_reduction="sum")
+    s.end_epoch(0)
+    assert s.last_measurement.batch_size_bound == 10.0 and s.batch_size == 7
+
+
+def test_noise_scale_rule_by_hand():
+    """Window of two batches of B = 2 with batch-mean gradients (3, 1), (3, -1):
+    small = 10, big = 9, |G|^2 = (4·9 - 2·10)/2 = 8, tr Σ = (10 - 9)/(1/2 - 1/4) = 4, B_simple = 0.5;
+    δ = 35: 17.5 -> floor 17 (round/ceil: 18)."""
+    s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=1, window=2, beta=0.0).bind(1000)
+    s.begin_epoch(0)
+    s.observe(n=2, grad=torch.tensor([3.0, 1.0], dtype=torch.float64))
+    s.observe(n=1, grad=torch.tensor([100.0, 100.0], dtype=torch.float64))  # ragged batch: ignored
+    s.observe(n=2, grad=torch.tensor([3.0, -1.0], dtype=torch.float64))
+    r = s.end_epoch(0)
+    assert s.estimator.updates == 1
+    assert s.estimator.b_simple == 0.5
+    assert r.estimate == 0.5 and r.new_batch_size == 17
+    assert s.estimates == [(0, 0.5)]
+
+
+def test_noise_scale_sum_reduction_divides_by_n():
+    s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=1, window=2, beta=0.0).bind(1000)
+    s.begin_epoch(0)
+    for v in ([6.0, 2.0], [6.0, -2.0]):  # sums over 2 samples = 2 x the means above
+        s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64), grad_reduction="sum")
+    s.end_epoch(0)
+    assert s.estimator.b_simple == 0.5 and s.batch_size == 17
+
+
+def test_noise_scale_window_restarts_every_epoch():
+    s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=2, window=2, beta=0.0).bind(1000)
+    s.begin_epoch(0)
+    s.observe(n=2, grad=torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert s.end_epoch(0) is None  # (0 + 1) % 2 != 0
+    s.begin_epoch(1)
+    s.observe(n=2, grad=torch.tensor([3.0, -1.0], dtype=torch.float64))
+    assert s.end_epoch(1) is None and s.estimator.updates == 0  # the half window of epoch 0 was dropped
+
+
+def test_noise_scale_resizes_only_at_the_end_of_a_period():
+    s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=2, window=2, beta=0.0).bind(1000)
+    for e in range(2):
+        s.begin_epoch(e)
+        for v in ([3.0, 1.0], [3.0, -1.0]):
+            s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64))
+        r = s.end_epoch(e)
+        assert (r is None) == (e == 0)
+    assert r.epoch == 1 and r.new_batch_size == 17 and s.estimates == [(1, 0.5)]
+
+
+def test_divebatch_resize_records_its_epoch_and_needs_a_measured_batch():
+    s = DiveBatch(1, 10, delta=0.75, resize_every=2).bind(10)
+    _epoch(s, 0, [_grads_bound_10()])
+    r = _epoch(s, 1, [_grads_bound_10()])
+    assert r.epoch == 1 and s.resizes == [r] and r.old_lr_scale == 1.0 and r.new_lr_scale == 1.0
+    s = DiveBatch(1, 10, delta=0.75, resize_every=1).bind(10)
+    s.begin_epoch(0)
+    with pytest.raises(RuntimeError, match="received no batch"):
+        s.end_epoch(0)
+
+
+def test_noise_scale_sum_reduction_across_a_resize():
+    """B_simple is scale-free within one batch size, so the 1/n of grad_reduction="sum" only shows when the EMA
+    mixes two batch sizes: sum and mean inputs must give the same estimator state after a resize."""
+    states = []
+    for reduction in ("mean", "sum"):
+        s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=1, window=2, beta=0.5).bind(1000)
+        for e, rows in enumerate(([[3.0, 1.0], [3.0, -1.0]], [[1.0, 2.0], [2.0, 1.0]])):
+            s.begin_epoch(e)
+            for v in rows:
+                g = torch.tensor(v, dtype=torch.float64)
+                s.observe(n=s.batch_size, grad=g * s.batch_size if reduction == "sum" else g, grad_reduction=reduction)
+            s.end_epoch(e)
+        states.append((s.estimator.b_simple, s.batch_size, list(s.estimates)))
+    assert len(states[0][2]) == 2 and states[0] == states[1]
+
+
+def test_noise_scale_min_batch_size_and_state_round_trip():
+    s = NoiseScaleBatch(2, 64, delta=1.0, resize_every=1, window=2, beta=0.0, min_batch_size=20).bind(1000)
+    s.begin_epoch(0)
+    for v in ([3.0, 1.0], [3.0, -1.0]):
+        s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64))
+    assert s.end_epoch(0).new_batch_size == 20  # floor(1 * 0.5) = 0 -> never shrinks -> lifted to B_min
+    t = NoiseScaleBatch(2, 64, delta=1.0, resize_every=1, window=2, beta=0.0, min_batch_size=20).bind(1000)
+    t.load_state_dict(s.state_dict())
+    assert t.estimates == [(0, 0.5)] and t.batch_size == 20 and t.estimator.b_simple == 0.5
+
+
+def test_no_epoch_before_begin_epoch():
+    s = DiveBatch(1, 10, resize_every=2).bind(10)
+    assert s.epoch == -1 and not s.needs_diversity
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0, got True"):
+        s.begin_epoch(True)
