@@ -16,13 +16,14 @@ EXECUTED := _build/executed
 NB_WORKERS ?= 2
 
 
-.PHONY: help install book test unit notebooks build-book check-book browser reader-path benchmarks gpu-check clean distclean
+.PHONY: help install book test unit notebooks build-book check-book browser reader-path benchmarks gpu-check mutation clean distclean
 
 help:
 	@echo "make book       build the HTML book into _build/html (installs everything into .venv first)"
 	@echo "make test       unit tests + nbval over every notebook + strict book build + browser check"
 	@echo "make reader-path  a fresh venv with torch + gradiv_lib[book] (what a Colab set-up cell installs) runs notebooks"
 	@echo "make benchmarks run benchmarks/ and print the side-by-side ratios"
+	@echo "make mutation   mutation testing (mutmut) of the algorithm modules against their own tests; not in CI"
 	@echo "make gpu-check  on a CUDA machine: norms harness in every dtype, train/simulator on CUDA, per-sample-norm benchmarks (JSON in gpu_check/)"
 	@echo "make clean      remove _build (keeps .venv); make distclean also removes .venv"
 
@@ -79,6 +80,13 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_norms.py
 	$(BIN)/python benchmarks/bench_workers.py
 	$(BIN)/python benchmarks/bench_federated.py
+
+# Mutation testing (not in CI; minutes per module; needs `pip install mutmut`, the [dev] extra): a seeded sample of
+# mutants of batching, federated, topology, sharpness and plasticity, each against its own tests (tests/mutation/).
+MUTATION_SAMPLE ?= 120
+MODULES ?=
+mutation: $(STAMP)
+	PYTHON=$(abspath $(BIN))/python bash tests/mutation/run.sh $(MODULES) --sample $(MUTATION_SAMPLE)
 
 # On a CUDA machine (not in CI): the norms harness in every dtype on CUDA, train() and the simulator on CUDA, and the
 # per-sample-norm benchmarks (ResNet-18 at B = 128, a transformer block) with peak memory. --allow-cpu: a smoke run.
