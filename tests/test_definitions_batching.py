@@ -126,10 +126,15 @@ def test_divebatch_sum_reduction_is_not_rescaled_twice():
     assert s.last_measurement.batch_size_bound == 10.0 and s.batch_size == 7
 
 
+# The schedule corrects for batches drawn without replacement from its N = 1000 samples: c_B = (N - B) / (B (N - 1)).
+# Small = 10 (B = 2), big = 9 (B = 4): tr Σ = (10 - 9)/(c_2 - c_4), |G|^2 = (c_2·9 - c_4·10)/(c_2 - c_4), so
+# B_simple = 1 / (9 c_2 - 10 c_4) = 0.49925... (with McCandlish's 1/B it would be exactly 0.5).
+B_SIMPLE_1000 = 1 / (9 * (998 / (2 * 999)) - 10 * (996 / (4 * 999)))
+
+
 def test_noise_scale_rule_by_hand():
-    """Window of two batches of B = 2 with batch-mean gradients (3, 1), (3, -1):
-    small = 10, big = 9, |G|^2 = (4·9 - 2·10)/2 = 8, tr Σ = (10 - 9)/(1/2 - 1/4) = 4, B_simple = 0.5;
-    δ = 35: 17.5 -> floor 17 (round/ceil: 18)."""
+    """Window of two batches of B = 2 with batch-mean gradients (3, 1), (3, -1): small = 10, big = 9,
+    B_simple = B_SIMPLE_1000 = 0.49925; δ = 35: 17.47 -> floor 17 (round/ceil: 18)."""
     s = NoiseScaleBatch(2, 64, delta=35.0, resize_every=1, window=2, beta=0.0).bind(1000)
     s.begin_epoch(0)
     s.observe(n=2, grad=torch.tensor([3.0, 1.0], dtype=torch.float64))
@@ -137,9 +142,9 @@ def test_noise_scale_rule_by_hand():
     s.observe(n=2, grad=torch.tensor([3.0, -1.0], dtype=torch.float64))
     r = s.end_epoch(0)
     assert s.estimator.updates == 1
-    assert s.estimator.b_simple == 0.5
-    assert r.estimate == 0.5 and r.new_batch_size == 17
-    assert s.estimates == [(0, 0.5)]
+    assert s.estimator.b_simple == pytest.approx(B_SIMPLE_1000, rel=1e-12) and B_SIMPLE_1000 != pytest.approx(0.5)
+    assert r.estimate == pytest.approx(B_SIMPLE_1000, rel=1e-12) and r.new_batch_size == 17
+    assert s.estimates == [(0, pytest.approx(B_SIMPLE_1000, rel=1e-12))]
 
 
 def test_noise_scale_sum_reduction_divides_by_n():
@@ -148,7 +153,7 @@ def test_noise_scale_sum_reduction_divides_by_n():
     for v in ([6.0, 2.0], [6.0, -2.0]):  # sums over 2 samples = 2 x the means above
         s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64), grad_reduction="sum")
     s.end_epoch(0)
-    assert s.estimator.b_simple == 0.5 and s.batch_size == 17
+    assert s.estimator.b_simple == pytest.approx(B_SIMPLE_1000, rel=1e-12) and s.batch_size == 17
 
 
 def test_noise_scale_window_restarts_every_epoch():
@@ -169,7 +174,7 @@ def test_noise_scale_resizes_only_at_the_end_of_a_period():
             s.observe(n=2, grad=torch.tensor(v, dtype=torch.float64))
         r = s.end_epoch(e)
         assert (r is None) == (e == 0)
-    assert r.epoch == 1 and r.new_batch_size == 17 and s.estimates == [(1, 0.5)]
+    assert r.epoch == 1 and r.new_batch_size == 17 and s.estimates == [(1, pytest.approx(B_SIMPLE_1000, rel=1e-12))]
 
 
 def test_divebatch_resize_records_its_epoch_and_needs_a_measured_batch():
@@ -207,7 +212,8 @@ def test_noise_scale_min_batch_size_and_state_round_trip():
     assert s.end_epoch(0).new_batch_size == 20  # floor(1 * 0.5) = 0 -> never shrinks -> lifted to B_min
     t = NoiseScaleBatch(2, 64, delta=1.0, resize_every=1, window=2, beta=0.0, min_batch_size=20).bind(1000)
     t.load_state_dict(s.state_dict())
-    assert t.estimates == [(0, 0.5)] and t.batch_size == 20 and t.estimator.b_simple == 0.5
+    assert t.estimates == [(0, pytest.approx(B_SIMPLE_1000))] and t.batch_size == 20
+    assert t.estimator.b_simple == pytest.approx(B_SIMPLE_1000)
 
 
 def test_no_epoch_before_begin_epoch():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradiv_lib.train import _measure_separately, _train_batch_norms
+from gradiv_lib.training import _measure_separately, _train_batch_norms
 
 torch.set_num_threads(1)
 
