@@ -167,7 +167,7 @@ def provenance(*, producer: str | None = None) -> dict[str, Any]:
     state = git_state()
     return {
         "command": _command or "python " + shlex.join(sys.argv),
-        "argv": list(sys.argv),
+        "argv": list(getattr(sys, "orig_argv", sys.argv)),
         "producer": producer,
         "gradiv_lib": _version(),
         "git_commit": state["commit"],
