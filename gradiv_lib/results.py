@@ -35,7 +35,8 @@ DEFAULT_OUT = "gradiv-results"
 #: Paths of a checkout that do not make it "dirty": where results are written.
 _RESULT_PATHS = ("gradiv_lib/_results/", "gradiv-results/")
 
-#: The ``gradiv ...`` command of the running command-line invocation (set by :mod:`gradiv_lib.cli`).
+#: The ``gradiv ...`` command of the running command-line invocation (set by :mod:`gradiv_lib.cli`; a script that
+#: ``gradiv bench`` starts receives it as ``$GRADIV_COMMAND``).
 _command: str | None = None
 _git_cache: dict[str, Any] | None = None
 
@@ -166,7 +167,7 @@ def provenance(*, producer: str | None = None) -> dict[str, Any]:
     """What :func:`save` records about where a result came from (besides config, machine and timing)."""
     state = git_state()
     return {
-        "command": _command or "python " + shlex.join(sys.argv),
+        "command": _command or os.environ.get("GRADIV_COMMAND") or "python " + shlex.join(sys.argv),
         "argv": list(getattr(sys, "orig_argv", sys.argv)),
         "producer": producer,
         "gradiv_lib": _version(),
