@@ -15,7 +15,9 @@ gate checks that they return the same updates), float32, ``torch.set_num_threads
 interleaved (A B C A B C ...) over ``--reps`` repetitions of ``--rounds`` rounds, medians and minima.
 
 Run: ``.venv/bin/python benchmarks/bench_federated.py [--reps 7] [--rounds 5] [--threads 1]``. Results go to
-``gradiv_lib/_results/benchmarks/federated_cpu.json`` (``gradiv_lib.results.save``).
+``./gradiv-results/benchmarks/federated_cpu.json`` or ``--out DIR`` (``gradiv_lib.results.save``); the copy
+the book shows ships as ``gradiv_lib/_results/benchmarks/federated_cpu.json``, remade by ``gradiv regenerate``. Also
+``gradiv bench federated``.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--no-save", action="store_true", help="print the table only")
+    ap.add_argument("--out", type=Path, metavar="DIR", help="folder for the result (default: ./gradiv-results)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -122,7 +125,7 @@ def main() -> None:
                                     "data": "digits, Dirichlet 0.3", "reps": args.reps, "rounds": args.rounds,
                                     "threads": args.threads,
                                     "local_work": {k: str(v) for k, v in LOCAL.items()}},
-                            seconds=time.perf_counter() - t_start)
+                            seconds=time.perf_counter() - t_start, root=args.out)
         print(f"saved {path}")
 
 

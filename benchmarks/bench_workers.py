@@ -16,7 +16,9 @@ parameters after two steps before anything is timed. Inputs are random tensors o
 for the MLP 64-64-10, 1x8x8 images for the CNN) so that every K gets a per-worker batch of 32.
 
 Run: ``.venv/bin/python benchmarks/bench_workers.py [--reps 30] [--threads 1]``. Results go to
-``gradiv_lib/_results/benchmarks/workers_cpu.json`` (``gradiv_lib.results.save``); chapter 6 shows the table.
+``./gradiv-results/benchmarks/workers_cpu.json`` or ``--out DIR`` (``gradiv_lib.results.save``); the copy
+the book shows ships as ``gradiv_lib/_results/benchmarks/workers_cpu.json``, remade by ``gradiv regenerate``. Also
+``gradiv bench workers``; chapter 6 shows the table.
 """
 from __future__ import annotations
 
@@ -158,7 +160,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the result (default: ./gradiv-results)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -189,7 +192,7 @@ def main() -> None:
                                                        "load_average": [load_before, load_after]},
                             config={"reps": args.reps, "threads": args.threads, "workers": args.workers,
                                     "batch_per_worker": BATCH, "optimizer": f"SGD lr {LR} momentum {MOMENTUM}",
-                                    "fp": "float32"}, seconds=seconds)
+                                    "fp": "float32"}, seconds=seconds, root=args.out)
         print(f"saved {path}")
 
 

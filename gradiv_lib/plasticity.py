@@ -1027,19 +1027,15 @@ def run_experiment(name: str, *, seeds: Sequence[int] | None = None, save: bool 
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m gradiv_lib.plasticity NAME [--seeds ...] [--threads N]``."""
-    import argparse
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gradiv_lib.plasticity NAME [options]``: an alias of ``gradiv plasticity NAME`` (:mod:`gradiv_lib.cli`;
+    quick by default, ``--book`` for the book's settings)."""
+    import sys
 
-    parser = argparse.ArgumentParser(prog="python -m gradiv_lib.plasticity", description="Chapter 8's experiments.")
-    parser.add_argument("name", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="root folder of the result (default: the package's _results)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_experiment(args.name, seeds=args.seeds, root=Path(args.out) if args.out else None)
+    from .cli import main as cli_main
+
+    return cli_main(["plasticity", *(sys.argv[1:] if argv is None else argv)], prog="python -m gradiv_lib.plasticity")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

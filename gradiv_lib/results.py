@@ -1,9 +1,16 @@
-"""Small JSON results of long runs (experiments, benchmarks), shipped with the library.
+"""Small JSON results of long runs (experiments, benchmarks): where they go, what they record, how to read them.
 
-A long run (a GPU experiment, a benchmark) calls :func:`save`; the book's pages call :func:`load`, which
-finds the file as package data, so it works in a clone, in CI, on Binder and on Colab after ``pip install``.
-Every result carries the metadata needed to judge it: the config, library, torch and Python versions, the
-device and machine, the git commit, the date and the seconds the run took.
+**A run writes under the current directory**, ``./gradiv-results/<name>.json``, or under the folder given as
+``root`` (the command line's ``--out DIR``); it never writes into the installed package. **Shipped results** — the
+ones the book's pages plot — are read-only package data under ``gradiv_lib/_results/`` and are read with
+:func:`load` through :mod:`importlib.resources`, so a page works in a clone, in CI, on Binder and after
+``pip install``. They are made by ``gradiv regenerate`` (``make results``) from a clean checkout, and a test refuses
+any that lacks its history.
+
+Every result records its history (:func:`provenance`): the exact command line (``argv``) and the ``gradiv``
+command that reproduces it, the full configuration, the library version, the git commit of the library's checkout,
+whether that tree had uncommitted changes (``git_dirty``), the module that produced it (``producer``), the torch
+and Python versions, the device and machine, the date and the seconds the run took.
 """
 from __future__ import annotations
 
@@ -11,16 +18,31 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
-#: Where results live inside the package (``gradiv_lib/_results/<name>.json``).
+#: Where shipped results live inside the package (``gradiv_lib/_results/<name>.json``); read-only for runs.
 RESULTS_DIR = Path(__file__).resolve().parent / "_results"
+
+#: Default output folder of a run, relative to the current directory.
+DEFAULT_OUT = "gradiv-results"
+
+#: Paths of a checkout that do not make it "dirty": where results are written.
+_RESULT_PATHS = ("gradiv_lib/_results/", "gradiv-results/")
+
+#: The ``gradiv ...`` command of the running command-line invocation (set by :mod:`gradiv_lib.cli`; a script that
+#: ``gradiv bench`` starts receives it as ``$GRADIV_COMMAND``).
+_command: str | None = None
+_git_cache: dict[str, Any] | None = None
+
+
+class OutputError(ValueError):
+    """The output folder cannot hold results (it is a file, or it cannot be written)."""
 
 
 def _check_name(name: str) -> str:
@@ -30,8 +52,34 @@ def _check_name(name: str) -> str:
     return name
 
 
-def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
+def default_root() -> Path:
+    """``./gradiv-results`` under the current directory: where a run writes unless told otherwise."""
+    return Path.cwd() / DEFAULT_OUT
+
+
+def check_out(root: str | Path | None) -> Path:
+    """The folder a run will write into (``root`` or :func:`default_root`), checked before any work starts.
+
+    Raises :class:`OutputError` when it, or the nearest existing folder above it, is a file or is not writable.
+    """
+    path = Path(root).expanduser() if root is not None else default_root()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == path else f"is below the file {probe}"
+        raise OutputError(f"--out {path} {what}; give a folder (it is created if missing)")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {path}: cannot write into {probe} (permission denied); give a writable folder")
+    return path
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
     """Versions, processor, core count, torch threads and (if CUDA) the GPU name."""
+    import torch
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -56,29 +104,97 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str, cwd: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout if out.returncode == 0 else None
 
 
-def save(name: str, data: dict[str, Any], *, config: dict[str, Any], seconds: float,
-         device: str | torch.device | None = None, root: Path | None = None) -> Path:
-    """Write ``data`` with its metadata to ``<root>/<name>.json`` atomically (a temporary file, then a rename)."""
-    path = (root or RESULTS_DIR) / f"{_check_name(name)}.json"
+def repo_root() -> Path | None:
+    """The root of the git checkout that holds this library (``None`` when installed outside one)."""
+    package = Path(__file__).resolve().parent
+    top = _git("rev-parse", "--show-toplevel", cwd=package)
+    if not top:
+        return None
+    root = Path(top.strip()).resolve()
+    # an installed copy inside some other repository is not a checkout of the library
+    if (root / "gradiv_lib").resolve() != package:
+        return None
+    return root
+
+
+def git_state(refresh: bool = False) -> dict[str, Any]:
+    """``{"commit", "dirty", "changes"}`` of the library's checkout, computed once per process (the code a run
+    imports is the code of its first look): ``dirty`` is ``git status --porcelain`` minus the result folders;
+    all ``None`` outside a checkout."""
+    global _git_cache
+    if _git_cache is not None and not refresh:
+        return _git_cache
+    root = repo_root()
+    state: dict[str, Any] = {"commit": None, "dirty": None, "changes": []}
+    if root is not None:
+        commit = _git("rev-parse", "HEAD", cwd=root)
+        status = _git("status", "--porcelain", "--untracked-files=all", cwd=root)
+        if commit:
+            state["commit"] = commit.strip()
+        if status is not None:
+            changes = [line[3:] for line in status.splitlines()
+                       if line[3:] and not line[3:].strip('"').startswith(_RESULT_PATHS)]
+            state["dirty"] = bool(changes)
+            state["changes"] = changes[:20]
+    _git_cache = state
+    return state
+
+
+def _producer(frame_depth: int) -> str | None:
+    """The file of the function that called :func:`save`, relative to the checkout root (or the package)."""
+    try:
+        filename = Path(sys._getframe(frame_depth).f_code.co_filename).resolve()
+    except (ValueError, AttributeError):
+        return None
+    for base in (repo_root(), Path(__file__).resolve().parents[1]):
+        if base is not None:
+            try:
+                return filename.relative_to(base).as_posix()
+            except ValueError:
+                continue
+    return filename.name
+
+
+def provenance(*, producer: str | None = None) -> dict[str, Any]:
+    """What :func:`save` records about where a result came from (besides config, machine and timing)."""
+    state = git_state()
+    return {
+        "command": _command or os.environ.get("GRADIV_COMMAND") or "python " + shlex.join(sys.argv),
+        "argv": list(getattr(sys, "orig_argv", sys.argv)),
+        "producer": producer,
+        "gradiv_lib": _version(),
+        "git_commit": state["commit"],
+        "git_dirty": state["dirty"],
+    }
+
+
+def save(name: str, data: dict[str, Any], *, config: dict[str, Any], seconds: float, device: Any = None,
+         root: str | Path | None = None, producer: str | None = None) -> Path:
+    """Write ``data`` with its configuration and provenance to ``<root>/<name>.json`` atomically (a temporary file,
+    then a rename) and return the path.
+
+    ``root`` defaults to ``./gradiv-results`` under the current directory (never the package); ``producer`` (the
+    module that made the result, relative to the checkout) defaults to the file of the caller.
+    """
+    path = check_out(root) / f"{_check_name(name)}.json"
     payload = {
         "name": name,
+        **provenance(producer=producer or _producer(2)),
         "config": config,
         "seconds": round(float(seconds), 3),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "gradiv_lib": _version(),
         "machine": machine_info(device),
         "data": data,
     }
+
     def write_json(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1, sort_keys=False)
@@ -107,11 +223,31 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     """``torch.save`` atomically (a temporary file, then a rename), so an interrupted run never leaves a
     truncated checkpoint. Store plain tensors and containers: checkpoints are read back with
     ``torch.load(..., weights_only=True)``."""
+    import torch
+
     _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
-def load(name: str, *, root: Path | None = None) -> dict[str, Any]:
-    """Read a result saved by :func:`save` (from the installed package unless ``root`` is given)."""
+def shipped() -> list[str]:
+    """Names of the results shipped with the package (``benchmarks/norms_cpu``, ``ch04/divebatch_digits``, ...)."""
+    names: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for child in node.iterdir():
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".json") and not child.name.startswith("."):
+                names.append(prefix + child.name[:-5])
+
+    base = resources.files("gradiv_lib").joinpath("_results")
+    if base.is_dir():
+        walk(base, "")
+    return sorted(names)
+
+
+def load(name: str, *, root: str | Path | None = None) -> dict[str, Any]:
+    """Read a result saved by :func:`save`: a shipped one (read-only package data, through
+    :mod:`importlib.resources`) unless ``root`` names the folder a run wrote into (its ``--out``)."""
     _check_name(name)
     if root is not None:
         path = Path(root) / f"{name}.json"
@@ -120,8 +256,7 @@ def load(name: str, *, root: Path | None = None) -> dict[str, Any]:
         return json.loads(path.read_text())
     resource = resources.files("gradiv_lib").joinpath("_results", *f"{name}.json".split("/"))
     if not resource.is_file():
-        available = sorted(p.relative_to(RESULTS_DIR).with_suffix("").as_posix() for p in RESULTS_DIR.rglob("*.json"))
-        raise FileNotFoundError(f"no result {name!r} shipped with gradiv_lib; available: {available}")
+        raise FileNotFoundError(f"no result {name!r} shipped with gradiv_lib; available: {shipped()}")
     return json.loads(resource.read_text())
 
 

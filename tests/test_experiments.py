@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradiv_lib import batching, results
-from gradiv_lib.experiments import __main__ as cli
+from gradiv_lib import cli
 from gradiv_lib.experiments import divebatch, width
 
 
@@ -74,32 +74,17 @@ def test_cli_quick_run_prints_where_it_wrote(tmp_path, capsys):
                    "--epochs", "2", "--no-progress", "--name", "smoke"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'ch04' / 'smoke.json'}" in out and "adabatch_linear" in out
+    assert f"result written to {tmp_path / 'ch04' / 'smoke.json'}" in out and "adabatch_linear" in out
     payload = json.loads((tmp_path / "ch04" / "smoke.json").read_text())
     assert payload["config"]["seeds"] == [1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["divebatch", "--full"], "--full needs --root PATH"),
-    (["divebatch", "--dataset", "cifar10"], "add --full and --root PATH"),
-    (["divebatch", "--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["divebatch", "--delta", "-1"], "--delta must be > 0, got -1.0"),
-    (["divebatch", "--full", "--root", "x"], "--full runs on cifar10"),
-    (["width", "--batch-sizes", "0", "4"], "--batch-sizes must be >= 1"),
-    (["divebatch", "--methods", "lars"], "invalid choice: 'lars'"),
-    (["nope"], "invalid choice: 'nope'"),
-])
-def test_cli_validates_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_cli_reports_missing_data(tmp_path, capsys):
-    rc = cli.main(["divebatch", "--full", "--dataset", "cifar10", "--root", str(tmp_path), "--out", str(tmp_path),
-                   "--no-progress"])
-    assert rc == 2 and "CIFAR-10 not found" in capsys.readouterr().err
+def test_width_cli_quick_mode_is_small_and_named_quick(tmp_path, capsys):
+    rc = cli.main(["width", "--out", str(tmp_path), "--no-progress", "--batch-sizes", "64", "256", "--max-steps", "300"])
+    assert rc == 0
+    payload = results.load("ch03/width_synthetic_quick", root=tmp_path)
+    assert payload["config"]["seeds"] == cli.WIDTH_QUICK["seeds"] and payload["config"]["depths"] == [2, 6]
+    assert payload["command"] == "gradiv width --batch-sizes 64 256 --max-steps 300"
 
 
 def test_run_validates_arguments():

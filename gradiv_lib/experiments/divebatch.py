@@ -19,7 +19,7 @@ Differences from the authors' code, on purpose: per-sample norms come from
 backward pass with BatchNorm in eval mode (the code switches BN to eval between its forward and its
 BackPACK backward), only in measurement epochs; a ragged last batch is weighted correctly.
 
-Run ``python -m gradiv_lib.experiments divebatch --help``.
+From the command line: ``gradiv divebatch`` (quick) or ``gradiv divebatch --full --dataset cifar10 --root DIR``.
 """
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def run(dataset: str = "digits", *, full: bool = False, root: str | Path | None 
     seeds, methods : lists, optional
         Override the config's seeds and methods (names of :data:`METHODS`).
     out : path, optional
-        Root folder of results (default: the package's ``_results``, where the book looks).
+        Root folder of results (default: ``./gradiv-results`` under the current directory).
     name : str, optional
         Result name under ``ch04/`` (default ``divebatch_<dataset>``).
     checkpoint_dir : path, optional
@@ -248,5 +248,5 @@ def run(dataset: str = "digits", *, full: bool = False, root: str | Path | None 
     payload = {"runs": runs, "summary": summarize(runs), "n_train": len(train_data), "n_test": len(test_data)}
     result_name = f"ch04/{name or 'divebatch_' + dataset}"
     path = results.save(result_name, payload, config=config, seconds=seconds, device=device,
-                        root=None if out is None else Path(out))
+                        root=out)
     return path, json.loads(path.read_text())

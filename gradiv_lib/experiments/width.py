@@ -16,7 +16,8 @@ networks of equal size (:func:`gradiv_lib.models.fixed_budget_family`):
 Presets (:data:`PRESETS`): ``synthetic`` (the default, seconds on a CPU) is the deep *linear* teacher
 problem of the book's chapter 3; ``digits`` the same sweep for ReLU MLPs on scikit-learn's digits
 (a few minutes on a CPU); ``cifar10`` (``--full``, a GPU) ReLU MLPs on CIFAR-10 trained to a
-training-accuracy target. Run ``python -m gradiv_lib.experiments width --help``.
+training-accuracy target.
+From the command line: ``gradiv width [--dataset digits] [--book]``.
 """
 from __future__ import annotations
 
@@ -303,7 +304,7 @@ def run(dataset: str = "synthetic", *, full: bool = False, root: str | Path | No
     seeds : list of int, optional
         Seeds of the steps-to-target runs (default: the preset's).
     out : path, optional
-        Root folder of the result (default: the package's ``_results``); the file is
+        Root folder of the result (default: ``./gradiv-results`` under the current directory); the file is
         ``<out>/ch03/<name>.json`` with ``name`` = ``width_<dataset>`` by default.
     checkpoint_dir : path, optional
         Folder of the partial-result checkpoint (default ``./gradiv_checkpoints`` with ``full=True``,
@@ -339,5 +340,5 @@ def run(dataset: str = "synthetic", *, full: bool = False, root: str | Path | No
     result["summary"] = summarize(result)
     seconds = time.perf_counter() - start
     path = results.save(f"ch03/{name or 'width_' + dataset}", result, config=config, seconds=seconds, device=device,
-                        root=None if out is None else Path(out))
+                        root=out)
     return path, json.loads(path.read_text())

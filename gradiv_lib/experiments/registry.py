@@ -1,0 +1,85 @@
+"""Every result shipped in ``gradiv_lib/_results``: the command that makes it, the module that produces it, whether
+it is cheap enough for CI, and the tolerance of a comparison between a rerun and the shipped file.
+
+``gradiv regenerate`` (:mod:`gradiv_lib.experiments.regenerate`) reruns these commands; ``tests/test_results.py``
+refuses a shipped result that is missing here, whose recorded command differs from the one here, or whose
+provenance is incomplete. Cheap entries (together about two minutes on two cores) are what CI reruns and compares
+(``gradiv regenerate --cheap --check``): each chapter with shipped results has at least one, the quick mode of the
+same command when the book's own run takes minutes.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+__all__ = ["SHIPPED", "Shipped", "by_name"]
+
+#: Keys never compared: wall-clock times and what depends on the machine's load.
+TIMING_KEYS = ("seconds", "seconds_to_target", "time", "load_average")
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """One shipped result.
+
+    ``compare`` is ``"numbers"`` (configuration identical, structure equal, strings equal, every number within
+    ``atol + rtol * |shipped|``)
+    or ``"structure"`` (benchmarks: timings differ run to run, so only the keys, lengths and non-timing strings are
+    compared). Keys named in ``ignore`` (or :data:`TIMING_KEYS`) are skipped wherever they occur.
+    """
+
+    name: str
+    command: str
+    producer: str
+    cheap: bool = False
+    compare: str = "numbers"
+    rtol: float = 2e-2
+    atol: float = 5e-3
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+    minutes: float = 1.0          #: rough duration on two cores, for planning
+
+    # The default tolerance: on the machine and thread count that made a result the rerun is identical to the last
+    # bit; another CPU (other kernels, other summation orders) drifts over a training run, by about 1 % in late
+    # losses and by one test sample (0.0028 on digits) in an accuracy, as a run with two threads instead of one
+    # shows. A change of the library that alters a result moves batch sizes, losses and accuracies by more.
+
+    @property
+    def args(self) -> list[str]:
+        """The command's arguments after ``gradiv``."""
+        words = shlex.split(self.command)
+        assert words[0] == "gradiv", self.command
+        return words[1:]
+
+
+SHIPPED: tuple[Shipped, ...] = (
+    # chapter 3: the ReLU width sweep (minutes) and its quick mode (the cheap companion)
+    Shipped("ch03/width_digits", "gradiv width --dataset digits --book", "gradiv_lib/experiments/width.py",
+            minutes=5),
+    Shipped("ch03/width_digits_quick", "gradiv width --dataset digits", "gradiv_lib/experiments/width.py",
+            cheap=True, minutes=0.5),
+    # chapter 4: the digits comparison is its own quick mode
+    Shipped("ch04/divebatch_digits", "gradiv divebatch", "gradiv_lib/experiments/divebatch.py", cheap=True,
+            ignore=("train_loss", "test_loss"), minutes=0.2),   # late losses of large-batch SGD drift most; unplotted
+    # chapter 8: the continual-learning runs of the book (minutes) and one quick mode
+    Shipped("ch08/random_labels", "gradiv plasticity random_labels --book", "gradiv_lib/experiments/continual.py",
+            minutes=7),
+    Shipped("ch08/permuted", "gradiv plasticity permuted --book", "gradiv_lib/experiments/continual.py", minutes=2.5),
+    Shipped("ch08/sensitivity", "gradiv plasticity sensitivity --book", "gradiv_lib/experiments/continual.py",
+            minutes=9),
+    Shipped("ch08/random_labels_quick", "gradiv plasticity random_labels", "gradiv_lib/experiments/continual.py",
+            cheap=True, minutes=0.5),
+    # benchmarks (chapters 2, 6 and 7): timings, compared by structure only
+    Shipped("benchmarks/workers_cpu", "gradiv bench workers", "benchmarks/bench_workers.py", compare="structure",
+            ignore=("backend_chosen", "gate_max_abs_diff"), minutes=1),
+    Shipped("benchmarks/federated_cpu", "gradiv bench federated", "benchmarks/bench_federated.py",
+            compare="structure", minutes=0.3),
+    Shipped("benchmarks/norms_cpu", "gradiv bench norms", "benchmarks/bench_norms.py", compare="structure", minutes=10),
+)
+
+
+def by_name(name: str) -> Shipped:
+    """The registry entry of a shipped result."""
+    for entry in SHIPPED:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"{name!r} is not in the registry of shipped results ({', '.join(e.name for e in SHIPPED)})")
