@@ -580,7 +580,7 @@ def main() -> None:
     parser.add_argument("--name", default="benchmarks/norms_cpu",
                         help="result name; saved with gradiv_lib.results.save (the book loads benchmarks/norms_cpu)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="root folder of the result (default: the package's _results, which the book reads)")
+                        help="root folder of the result (default: ./gradiv-results; gradiv regenerate writes the shipped copy)")
     parser.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "B", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_memory:
