@@ -168,8 +168,13 @@ def test_compare_flags_changed_numbers_and_ignores_timings():
     same["data"]["summary"]["divebatch"]["seconds_to_target"] = 99.0
     assert regenerate.compare(shipped, same, entry) == []
     changed = json.loads(json.dumps(shipped))
-    changed["data"]["summary"]["divebatch"]["final_test_accuracy"] += 0.01
-    assert any("final_test_accuracy" in p for p in regenerate.compare(shipped, changed, entry))
+    changed["data"]["summary"]["divebatch"]["final_test_accuracy"] -= 0.05      # beyond drift between machines
+    changed["data"]["runs"]["divebatch"]["0"]["batch_size"][-1] += 16
+    problems = regenerate.compare(shipped, changed, entry)
+    assert any("final_test_accuracy" in p for p in problems) and any("batch_size[19]" in p for p in problems)
+    drift = json.loads(json.dumps(shipped))
+    drift["data"]["summary"]["divebatch"]["final_test_accuracy"] -= 1 / 359                   # one test sample
+    assert regenerate.compare(shipped, drift, entry) == []
     changed = json.loads(json.dumps(shipped))
     changed["config"]["epochs"] = 3
     assert any(p.startswith("config") for p in regenerate.compare(shipped, changed, entry))
