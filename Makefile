@@ -16,13 +16,15 @@ EXECUTED := _build/executed
 NB_WORKERS ?= 2
 
 
-.PHONY: help install book test unit notebooks build-book check-book browser reader-path benchmarks gpu-check mutation clean distclean
+.PHONY: help install book test unit notebooks build-book check-book browser reader-path results results-check benchmarks gpu-check mutation clean distclean
 
 help:
 	@echo "make book       build the HTML book into _build/html (installs everything into .venv first)"
 	@echo "make test       unit tests + nbval over every notebook + strict book build + browser check"
 	@echo "make reader-path  a fresh venv with torch + gradiv_lib[book] (what a Colab set-up cell installs) runs notebooks"
 	@echo "make benchmarks run benchmarks/ and print the side-by-side ratios"
+	@echo "make results    remake every shipped result in place from its recorded command (clean checkout; then commit them)"
+	@echo "make results-check rerun the cheap shipped results and compare them with the shipped files (part of make test)"
 	@echo "make mutation   mutation testing (mutmut) of the algorithm modules against their own tests; not in CI"
 	@echo "make gpu-check  on a CUDA machine: norms harness in every dtype, train/simulator on CUDA, per-sample-norm benchmarks (JSON in gpu_check/)"
 	@echo "make clean      remove _build (keeps .venv); make distclean also removes .venv"
@@ -69,11 +71,20 @@ browser:
 check-book: $(STAMP) browser
 	$(BIN)/pytest tests/book -q
 
+# Shipped results (gradiv_lib/_results) are remade from the commands the registry records
+# (gradiv_lib/experiments/registry.py). `results` rewrites them in place: run it from a clean checkout and commit.
+# `results-check` reruns the cheap ones into a temporary folder and fails if a number moved beyond its tolerance.
+results: $(STAMP)
+	$(BIN)/python -m gradiv_lib.experiments.regenerate
+
+results-check: $(STAMP)
+	$(BIN)/python -m gradiv_lib.experiments.regenerate --cheap --check
+
 # The Colab/Binder reader: torch + exactly what a notebook's set-up cell installs, from this checkout, in a new venv.
 reader-path: $(STAMP)
 	$(BIN)/python tests/reader_path.py
 
-test: unit notebooks build-book check-book reader-path
+test: unit results-check notebooks build-book check-book reader-path
 	@echo "make test: all checks passed"
 
 benchmarks: $(STAMP)
