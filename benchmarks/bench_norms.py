@@ -478,7 +478,7 @@ def run_train(mode: str, threads: int) -> list[dict[str, object]]:
     """One epoch of ``gradiv_lib.train`` on a Conv1d net over 40-sample signals, with and without
     ``measure_diversity=True``, interleaved; the same model object per variant across rounds (so the
     engine's one-time work per model is warm-up, as in a long run)."""
-    from gradiv_lib.train import train
+    from gradiv_lib.training import train
 
     rows = []
     samples = TRAIN_SAMPLES[mode]
