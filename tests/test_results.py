@@ -13,8 +13,7 @@ PROVENANCE = ("command", "argv", "producer", "gradiv_lib", "git_commit", "git_di
               "seconds")
 
 #: Shipped results waiting to be regenerated through the new path, and why (remove an entry once it is).
-PENDING = {"benchmarks/norms_cpu": "benchmarks/bench_norms.py is being rewritten; regenerate it with "
-                                   "'gradiv regenerate --only benchmarks/norms_cpu' once it saves with root=args.out"}
+PENDING: dict[str, str] = {}
 
 
 def test_save_then_load_roundtrip(tmp_path):
