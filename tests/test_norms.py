@@ -55,12 +55,8 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread for the whole module (tests/conftest.py)."""
 
 
 # --- Linear ---------------------------------------------------------------------------------------

@@ -25,12 +25,8 @@ def _quiet() -> None:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread for the whole module (tests/conftest.py)."""
 
 
 def check(model: nn.Module, x: Tensor, y: Tensor, *, loop: bool = False, reduction: str = "mean", **options: object) -> None:

@@ -270,12 +270,8 @@ def tf32(precision: str):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread for the whole module (tests/conftest.py)."""
 
 
 @pytest.mark.parametrize("case,device,precision,strategy", _configurations())
