@@ -358,7 +358,7 @@ def test_tiny_imagenet_reads_folder_layout_labels_and_caches(tmp_path, monkeypat
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(D, "_decode_tiny_imagenet", no_decoding)
+    monkeypatch.setattr(D.image_files, "_decode_tiny_imagenet", no_decoding)
     cached = load_tiny_imagenet(tmp_path, "train", normalize=False)
     assert torch.equal(cached.x, train.x) and torch.equal(cached.y, train.y)
     with pytest.raises(ValueError, match="'train' or 'val'"):
@@ -546,3 +546,58 @@ def test_class_incremental_tasks_hold_disjoint_class_groups() -> None:
     assert sorted(c for t in shuffled for c in t.info["classes"]) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="classes_per_task=3 does not divide the 4 classes"):
         class_incremental_tasks(train, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST-1D: generated offline
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mnist1d_is_generated_offline_deterministic_and_leaves_global_rngs_alone(monkeypatch) -> None:
+    import random
+    import socket
+
+    import numpy as np
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("load_mnist1d touched the network")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    D.mnist1d._generate.cache_clear()
+    np.random.seed(123)
+    random.seed(123)
+    expected_np, expected_py = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    train, test = D.load_mnist1d(200, seed=3)
+    assert (np.random.rand(), random.random()) == (expected_np, expected_py)
+    assert train.x.shape == (160, 1, 40) and test.x.shape == (40, 1, 40)
+    assert train.x.dtype == torch.float32 and train.y.dtype == torch.long
+    assert torch.bincount(torch.cat([train.y, test.y]), minlength=10).tolist() == [20] * 10
+    # Standardised over the whole set, as the package does.
+    everything = torch.cat([train.x, test.x]).double()
+    assert abs(everything.mean().item()) < 1e-6 and abs(everything.std(unbiased=False).item() - 1) < 1e-6
+    D.mnist1d._generate.cache_clear()
+    again, _ = D.load_mnist1d(200, seed=3, channels=False)
+    assert again.x.shape == (160, 40) and torch.equal(again.x, train.x.squeeze(1))
+    other, _ = D.load_mnist1d(200, seed=4)
+    assert not torch.equal(other.x, train.x)
+
+
+def test_mnist1d_shuffled_variant_is_one_fixed_permutation_of_positions() -> None:
+    plain, _ = D.load_mnist1d(100, seed=0, channels=False)
+    shuffled, _ = D.load_mnist1d(100, seed=0, channels=False, shuffle_seq=True)
+    # The same signals with the 40 positions permuted by one permutation: sorting each row agrees.
+    assert not torch.equal(plain.x, shuffled.x)
+    torch.testing.assert_close(plain.x.sort(dim=1).values, shuffled.x.sort(dim=1).values)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"num_samples": 105}, "multiple of 10"), ({"num_samples": 10}, "num_samples"), ({"train_split": 1.0}, "train_split")],
+)
+def test_mnist1d_rejects_bad_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        D.load_mnist1d(**kwargs)

@@ -13,7 +13,7 @@ import reader_path  # noqa: E402
 # What each extra brings, by the top-level module names a notebook imports.
 PROVIDES = {
     "": {"gradiv_lib", "torch", "numpy", "tqdm"},
-    "book": {"matplotlib", "ipywidgets", "sklearn", "scipy", "IPython"},
+    "book": {"matplotlib", "ipywidgets", "sklearn", "scipy", "mnist1d", "IPython"},
     "flower": {"flwr"},
 }
 NOTEBOOKS = reader_path.notebooks()
@@ -69,7 +69,7 @@ def test_pyproject_core_is_light_and_extras_cover_the_book():
     core = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in project["dependencies"]}
     assert core == {"torch", "numpy", "tqdm"}
     book = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in project["optional-dependencies"]["book"]}
-    assert book == {"matplotlib", "ipywidgets", "scikit-learn", "scipy"}
+    assert book == {"matplotlib", "ipywidgets", "scikit-learn", "scipy", "mnist1d"}
     assert any(d.startswith("flwr") for d in project["optional-dependencies"]["flower"])
 
 

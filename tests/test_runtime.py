@@ -141,7 +141,7 @@ def test_glue_works_without_the_book_toolchain(monkeypatch, capsys):
         gl.glue("", 1)
 
 
-HEAVY = ["matplotlib.pyplot", "matplotlib", "ipywidgets", "IPython", "sklearn", "scipy", "flwr", "myst_nb"]
+HEAVY = ["matplotlib.pyplot", "matplotlib", "ipywidgets", "IPython", "sklearn", "scipy", "mnist1d", "flwr", "myst_nb"]
 VERBS = ["per_sample_sq_norms", "per_sample_sq_norms_and_grad_sum", "gradient_diversity", "DiversityMeter",
          "FixedBatch", "AdaBatch", "DiveBatch", "NoiseScaleBatch", "train", "evaluate", "setup", "setup_book", "glue"]
 
