@@ -46,6 +46,7 @@ from .results import save_checkpoint as write_checkpoint
 from .data import InMemoryData
 from .mapstyle import MapStyleData
 from .diversity import DiversityResult, EpochDiversityAccumulator
+from ._training_distributed import DataParallel
 
 __all__ = ["CHECKPOINT_FORMAT", "OPTIMIZERS", "History", "evaluate", "train"]
 
@@ -337,6 +338,8 @@ def _measure_separately(model: nn.Module, loss_fn: Any, xb: Tensor, yb: Tensor, 
     from .norms import DiversityMeter
 
     n = len(xb)
+    if n == 0:  # an empty slice of a global batch (several processes)
+        return torch.zeros(0, device=xb.device), [torch.zeros_like(p) for p in params]
     for m in batch_norms:
         m.eval()
     try:
@@ -517,6 +520,8 @@ def train(
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable (x, generator) -> x, got {type(transform).__name__}")
     device = torch.device(device) if device is not None else train_data.device
+    parallel = DataParallel.from_environment(device)  # None in one process; see gradiv_lib/training/distributed.py
+    progress = progress and (parallel is None or parallel.rank == 0)
     schedule.bind(len(train_data))
     train_data = train_data.to(device)
     test = None if test_data is None else _as_data(test_data, "test_data").to(device)
@@ -562,8 +567,15 @@ def train(
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
             history = History.from_dict(state["history"])
             start_epoch, finished = int(state["epoch"]), bool(state["finished"])
+        if parallel is not None:  # same settings everywhere, process 0's model, a dropout stream per process
+            parallel.start(model, {**config, "epochs": epochs, "start_epoch": start_epoch, "finished": finished,
+                                   "drop_last": drop_last, "measure_diversity": measure_diversity,
+                                   "measure_batch_size": measure_batch_size, "loss_reduction": reduction,
+                                   "n_test": None if test is None else len(test)}, seed, start_epoch)
 
         def save_checkpoint(completed: int, done: bool) -> None:
+            if parallel is not None and parallel.rank != 0:
+                return
             write_checkpoint({
                 "format": CHECKPOINT_FORMAT, "config": config, "epoch": completed, "finished": done,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -601,6 +613,8 @@ def train(
                 for xb, yb in train_data.batches(batch_size, shuffle=True, generator=generator, drop_last=drop_last):
                     if transform is not None:
                         xb = transform(xb, generator)
+                    if parallel is not None:  # this process's slice of the global batch
+                        xb, yb = parallel.local(xb, yb)
                     n = len(xb)
                     opt.zero_grad(set_to_none=True)
                     sq_norms = grads = None
@@ -621,6 +635,8 @@ def train(
                         out = model(xb)
                         loss = loss_fn(out, yb)
                         loss.backward()
+                    if parallel is not None:  # the global batch's gradient, loss, n and sum of per-sample norms
+                        loss, sq_norms, grads, n = parallel.reduce_step(params, loss, n, sq_norms, grads, reduction)
                     if want_grad:
                         if grads is None:
                             grads = [p.grad for p in params]
@@ -637,6 +653,8 @@ def train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - start
+                if parallel is not None:
+                    correct = parallel.end_epoch(model, correct)
                 train_loss = float(loss_sum) / samples
                 train_accuracy = int(correct) / samples if classify else math.nan
                 result: DiversityResult | None = accumulator.result if accumulator is not None and accumulator.n else None
@@ -677,6 +695,8 @@ def train(
                     history.resizes.append(resize.to_dict())
                 history.diverged = diverged
                 finished = diverged or epoch + 1 == epochs or (stop_at_target and history.reached_target)
+                if parallel is not None:
+                    finished = parallel.agree(schedule, finished)
                 if path is not None and (finished or (epoch + 1) % checkpoint_every == 0):
                     save_checkpoint(epoch + 1, finished)
                 bar.update(1)

@@ -1,0 +1,97 @@
+"""train() on two gloo processes is the single-process run of the same global batches.
+
+Each process takes its slice of every global batch; the gradients, the loss and the per-sample squared norms are
+all-reduced, so the batch sizes DiveBatch chooses, the measured diversities and the final parameters must equal the
+one-process run's to round-off (float64). The data sizes leave ragged last batches, one of a single sample (one
+process gets an empty slice).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from gradiv_lib import models
+from gradiv_lib.batching import AdaBatch, DiveBatch
+from gradiv_lib.data import synthetic_classification
+from gradiv_lib.training import train
+from gradiv_lib.workers import spawn
+
+torch.set_num_threads(1)
+
+
+def _problem():
+    data = synthetic_classification(241, 6, 3, seed=1, separation=1.0).to(dtype=torch.float64)
+    train_data, test_data = data.split(0.165, seed=0)   # 201 training samples: 201 = 25·8 + 1
+    return train_data, test_data
+
+
+def _runs():
+    """Two configurations: DiveBatch with a mean loss measured in the backward pass; AdaBatch with a summed loss,
+    measured in a separate chunked pass (measure_batch_size) with weight decay."""
+    return {
+        "divebatch": dict(schedule=lambda: DiveBatch(8, 64, delta=0.05, resize_every=2), loss_fn=None,
+                          extra=dict(momentum=0.9, lr=0.1)),
+        "adabatch_sum": dict(schedule=lambda: AdaBatch(8, 32, resize_every=2, lr_rule="sqrt"),
+                             loss_fn=lambda: nn.CrossEntropyLoss(reduction="sum"),
+                             extra=dict(momentum=0.5, lr=0.01, weight_decay=1e-3, measure_batch_size=5)),
+    }
+
+
+def _train(name: str, seed: int = 0):
+    spec = _runs()[name]
+    train_data, test_data = _problem()
+    model = models.mlp(6, 12, 2, 3, seed=0).double()
+    history = train(model, train_data, schedule=spec["schedule"](), epochs=6, test_data=test_data, seed=seed,
+                    loss_fn=None if spec["loss_fn"] is None else spec["loss_fn"](), measure_diversity=True,
+                    progress=False, **spec["extra"])
+    return history, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    for name in _runs():
+        history, params = _train(name)
+        torch.save({"history": history.to_dict(), "params": params}, os.path.join(out_dir, f"{name}_{rank}.pt"))
+    try:  # a wrong use: each process with its own seed would train on overlapping slices
+        _train("divebatch", seed=rank)
+    except ValueError as error:
+        with open(os.path.join(out_dir, f"error_{rank}.txt"), "w") as f:
+            f.write(str(error))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One launch of two gloo processes (starting them is most of the cost) for all the tests here."""
+    out = tmp_path_factory.mktemp("ddp")
+    spawn(_worker, 2, args=(str(out),), timeout=180)
+    return out
+
+
+def test_two_gloo_processes_match_the_single_process_run(two_processes) -> None:
+    tmp_path = two_processes
+    for name in _runs():
+        single, params = _train(name)
+        assert len(single.resizes) >= 2, "the run must change the batch size to test the agreement"
+        for rank in (0, 1):
+            saved = torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=True)
+            h = saved["history"]
+            assert h["batch_size"] == single.batch_size, name
+            assert h["steps"] == single.steps and h["samples"] == single.samples
+            assert len(h["resizes"]) == len(single.resizes)
+            for mine, ref in zip(h["resizes"], single.resizes):
+                assert mine.keys() == ref.keys()
+                for key, value in ref.items():       # batch sizes, lr multipliers, N·Δ̂ estimates (None for AdaBatch)
+                    assert mine[key] == (None if value is None else pytest.approx(value, rel=1e-9)), (name, key)
+            assert h["diversity"] == pytest.approx(single.diversity, rel=1e-9)   # Δ̂ of the global batches
+            assert h["lr"] == pytest.approx(single.lr, rel=1e-12)
+            for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+                assert h[key] == pytest.approx(getattr(single, key), rel=1e-9, abs=1e-12), (name, key)
+            torch.testing.assert_close(saved["params"], params, rtol=1e-10, atol=1e-12)
+
+
+def test_processes_with_different_seeds_are_refused(two_processes) -> None:
+    for rank in (0, 1):
+        message = (two_processes / f"error_{rank}.txt").read_text()
+        assert message.startswith("train() on 2 processes: seed differs between processes (process 0: 0, process 1: 1)")
