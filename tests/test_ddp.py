@@ -95,3 +95,44 @@ def test_processes_with_different_seeds_are_refused(two_processes) -> None:
     for rank in (0, 1):
         message = (two_processes / f"error_{rank}.txt").read_text()
         assert message.startswith("train() on 2 processes: seed differs between processes (process 0: 0, process 1: 1)")
+
+
+def test_the_books_torchrun_command_is_the_one_process_run(tmp_path) -> None:
+    """`torchrun --nproc-per-node 2 -m gradiv_lib divebatch ...` (gloo on CPU) writes the one-process result."""
+    import json
+    import subprocess
+    import sys
+
+    from gradiv_lib import cli
+    from gradiv_lib.workers import free_port
+
+    options = ["divebatch", "--epochs", "2", "--resize-every", "1", "--seeds", "0", "--methods", "divebatch",
+               "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "gradiv_lib", *options, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("result written to") == 1 and "2 processes" in proc.stdout      # process 0 reports
+    assert cli.main([*options, "--out", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / w / "ch04" / "divebatch_digits.json").read_text()) for w in ("two", "one"))
+    assert two["machine"]["processes"] == 2 and two["machine"]["backend"] == "gloo" and "processes" not in one["machine"]
+    h2, h1 = two["data"]["runs"]["divebatch"]["0"], one["data"]["runs"]["divebatch"]["0"]
+    assert h2["batch_size"] == h1["batch_size"] and len(h1["resizes"]) >= 1
+    assert h2["diversity"] == pytest.approx(h1["diversity"], rel=1e-4)          # float32: round-off of the sums
+    assert h2["test_accuracy"] == pytest.approx(h1["test_accuracy"], abs=2 / 360)
+
+
+def test_wrong_launches_say_what_to_do(monkeypatch, tmp_path, capsys) -> None:
+    import gradiv_lib._training_distributed as parallel
+    from gradiv_lib import cli
+
+    # --nproc starts gloo processes on the CPU; a GPU run is launched by torchrun, one process per GPU
+    monkeypatch.setattr(cli, "_resolve_device", lambda name: torch.device("cuda"))
+    assert cli.main(["divebatch", "--nproc", "2", "--out", str(tmp_path)]) == 1
+    assert "torchrun --standalone --nproc-per-node 2 -m gradiv_lib divebatch --device cuda" in capsys.readouterr().err
+    # nccl needs the model and data on the process's GPU
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(parallel.dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(ValueError, match=r"nccl backend needs CUDA tensors, but device is cpu; pass device="):
+        parallel.DataParallel(torch.device("cpu"))
