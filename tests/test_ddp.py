@@ -123,7 +123,7 @@ def test_the_books_torchrun_command_is_the_one_process_run(tmp_path) -> None:
 
 
 def test_wrong_launches_say_what_to_do(monkeypatch, tmp_path, capsys) -> None:
-    import gradiv_lib._training_distributed as parallel
+    import gradiv_lib.training.distributed as parallel
     from gradiv_lib import cli
 
     # --nproc starts gloo processes on the CPU; a GPU run is launched by torchrun, one process per GPU
