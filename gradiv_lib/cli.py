@@ -90,18 +90,18 @@ def _add_divebatch(sub: Any) -> None:
     p = sub.add_parser(
         "divebatch", help="DiveBatch vs SGD (small and large batch) vs AdaBatch (chapter 4)",
         formatter_class=_Formatter,
+        epilog="Several processes (data parallel: each takes a slice of every global batch; gradients and\n"
+               "per-sample norms are all-reduced, so the run is the one-process run of the same batches):\n"
+               "  gradiv divebatch --nproc 2              two gloo processes on this machine's CPU\n"
+               "  torchrun --standalone --nproc-per-node 4 -m gradiv_lib divebatch --full --dataset cifar10\n"
+               "      --root DIR --device cuda            four processes, one GPU each (nccl)",
         description="DiveBatch vs SGD with a small and a large batch vs AdaBatch (chapter 4).\n\n"
                     "Default (quick, seconds on a CPU): scikit-learn digits, an MLP 64-64-10, SGD with momentum,\n"
                     "batch 16 to 512, 20 epochs, three seeds; steps, samples and seconds to 98 % test accuracy.\n"
                     "This is the run shipped with the book (ch04/divebatch_digits).\n\n"
                     "--full --dataset cifar10|cifar100 --root DIR: the DiveBatch authors' protocol (ResNet-18,\n"
                     "200 epochs, batch 128 to 2048; a GPU, hours). It checkpoints every epoch and resumes when\n"
-                    "the same command is run again.\n\n"
-                    "Several processes (data parallel: each takes a slice of every global batch; gradients and\n"
-                    "per-sample norms are all-reduced, so the run is the one-process run of the same batches):\n"
-                    "  gradiv divebatch --nproc 2              two gloo processes on this machine's CPU\n"
-                    "  torchrun --standalone --nproc-per-node 4 -m gradiv_lib divebatch --full --dataset cifar10\n"
-                    "      --root DIR --device cuda            four processes, one GPU each (nccl)")
+                    "the same command is run again.")
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100"],
                    help="digits (quick) or, with --full, cifar10 / cifar100")
     p.add_argument("--full", action="store_true", help="the paper's protocol on CIFAR (needs --root; meant for a GPU)")

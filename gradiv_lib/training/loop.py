@@ -425,9 +425,9 @@ def train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - start
-                if parallel is not None:
-                    correct = parallel.end_epoch(model, correct)
                 train_loss = float(loss_sum) / samples
+                if parallel is not None:  # the global count of correct predictions; process 0's buffers everywhere
+                    correct = parallel.end_epoch(model, correct)
                 train_accuracy = int(correct) / samples if classify else math.nan
                 result: DiversityResult | None = accumulator.result if accumulator is not None and accumulator.n else None
                 diverged = not math.isfinite(train_loss)
