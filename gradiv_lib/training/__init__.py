@@ -11,10 +11,10 @@
 """
 from __future__ import annotations
 
-from .distributed import DataParallel
+from .distributed import DataParallel  # noqa: F401 (documented in its module)
 from .evaluation import evaluate
 from .history import History
 from .loop import CHECKPOINT_FORMAT, _measure_separately, _train_batch_norms, train  # noqa: F401 (private: tests)
 from .options import OPTIMIZERS
 
-__all__ = ["CHECKPOINT_FORMAT", "OPTIMIZERS", "DataParallel", "History", "evaluate", "train"]
+__all__ = ["CHECKPOINT_FORMAT", "OPTIMIZERS", "History", "evaluate", "train"]
