@@ -40,13 +40,13 @@ def _runs():
     }
 
 
-def _train(name: str, seed: int = 0):
+def _train(name: str, seed: int = 0, **options):
     spec = _runs()[name]
     train_data, test_data = _problem()
     model = models.mlp(6, 12, 2, 3, seed=0).double()
     history = train(model, train_data, schedule=spec["schedule"](), epochs=6, test_data=test_data, seed=seed,
                     loss_fn=None if spec["loss_fn"] is None else spec["loss_fn"](), measure_diversity=True,
-                    progress=False, **spec["extra"])
+                    progress=False, **spec["extra"], **options)
     return history, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
@@ -54,6 +54,19 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     for name in _runs():
         history, params = _train(name)
         torch.save({"history": history.to_dict(), "params": params}, os.path.join(out_dir, f"{name}_{rank}.pt"))
+    # interrupted after epoch 2 and resumed: every process reads process 0's checkpoint
+    checkpoint = os.path.join(out_dir, "divebatch.ckpt")
+
+    def stop(epoch, model, history):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    try:
+        _train("divebatch", checkpoint_path=checkpoint, on_epoch_end=stop)
+    except KeyboardInterrupt:
+        pass
+    history, params = _train("divebatch", checkpoint_path=checkpoint)
+    torch.save({"history": history.to_dict(), "params": params}, os.path.join(out_dir, f"resumed_{rank}.pt"))
     try:  # a wrong use: each process with its own seed would train on overlapping slices
         _train("divebatch", seed=rank)
     except ValueError as error:
@@ -89,6 +102,15 @@ def test_two_gloo_processes_match_the_single_process_run(two_processes) -> None:
             for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
                 assert h[key] == pytest.approx(getattr(single, key), rel=1e-9, abs=1e-12), (name, key)
             torch.testing.assert_close(saved["params"], params, rtol=1e-10, atol=1e-12)
+
+
+def test_an_interrupted_run_resumes_on_every_process_from_process_0s_checkpoint(two_processes) -> None:
+    uninterrupted = torch.load(two_processes / "divebatch_0.pt", weights_only=True)
+    for rank in (0, 1):
+        resumed = torch.load(two_processes / f"resumed_{rank}.pt", weights_only=True)
+        for key in ("batch_size", "diversity", "train_loss", "test_accuracy", "resizes"):
+            assert resumed["history"][key] == uninterrupted["history"][key], key
+        torch.testing.assert_close(resumed["params"], uninterrupted["params"], rtol=0, atol=0)
 
 
 def test_processes_with_different_seeds_are_refused(two_processes) -> None:

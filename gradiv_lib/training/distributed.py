@@ -173,5 +173,9 @@ class DataParallel:
             )
         return bool(state[2])
 
+    def barrier(self) -> None:
+        """Wait for every process (process 0 has written a checkpoint the others may read)."""
+        dist.barrier(group=self.group)
+
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)

@@ -346,8 +346,8 @@ def train(
                                    "n_test": None if test is None else len(test)}, seed, start_epoch)
 
         def save_checkpoint(completed: int, done: bool) -> None:
-            if parallel is not None and parallel.rank != 0:
-                return
+            if parallel is not None and parallel.rank != 0:  # process 0 writes; the others wait until it is there
+                return parallel.barrier()
             write_checkpoint({
                 "format": CHECKPOINT_FORMAT, "config": config, "epoch": completed, "finished": done,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -357,6 +357,8 @@ def train(
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history.to_dict(),
             }, path)
+            if parallel is not None:
+                parallel.barrier()
 
         bar = tqdm(total=epochs, initial=start_epoch, disable=not progress or finished, desc=schedule.name, unit="epoch")
         try:
