@@ -28,15 +28,21 @@ def _problem():
     return train_data, test_data
 
 
+def _jitter(x, generator):
+    """An augmentation drawn from the run's generator: applied to the global batch, the same draws everywhere."""
+    return x + 0.1 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
 def _runs():
     """Two configurations: DiveBatch with a mean loss measured in the backward pass; AdaBatch with a summed loss,
-    measured in a separate chunked pass (measure_batch_size) with weight decay."""
+    measured in a separate chunked pass (measure_batch_size), with weight decay and an augmentation."""
     return {
         "divebatch": dict(schedule=lambda: DiveBatch(8, 64, delta=0.05, resize_every=2), loss_fn=None,
                           extra=dict(momentum=0.9, lr=0.1)),
         "adabatch_sum": dict(schedule=lambda: AdaBatch(8, 32, resize_every=2, lr_rule="sqrt"),
                              loss_fn=lambda: nn.CrossEntropyLoss(reduction="sum"),
-                             extra=dict(momentum=0.5, lr=0.01, weight_decay=1e-3, measure_batch_size=5)),
+                             extra=dict(momentum=0.5, lr=0.01, weight_decay=1e-3, measure_batch_size=5,
+                                        transform=_jitter)),
     }
 
 

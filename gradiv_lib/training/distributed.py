@@ -129,12 +129,16 @@ class DataParallel:
         dtype = params[0].dtype
         flat = torch.cat([torch.zeros(p.numel(), dtype=dtype, device=self.device) if g is None or empty
                           else g.detach().reshape(-1).to(dtype) * weight for g, p in zip(vectors, shapes)])
-        scalars = torch.zeros(2 + len(params), dtype=torch.float64, device=self.device)
+        # [loss, Σ‖g_i‖², then per parameter 1 if this process has a gradient for it]
+        scalars = torch.ones(2 + len(params), dtype=torch.float64, device=self.device)
+        scalars[:2] = 0.0
         if not empty:
             scalars[0] = loss.detach().double() * weight
             if sq_norms is not None:
                 scalars[1] = sq_norms.detach().double().sum() if isinstance(sq_norms, Tensor) else float(sq_norms)
-        scalars[2:] = torch.tensor([g is not None for g in vectors[:len(params)]], dtype=torch.float64)
+        missing = [i for i, p in enumerate(params) if p.grad is None or empty]   # an empty slice has no gradient
+        for i in missing:
+            scalars[2 + i] = 0.0
         work = [dist.all_reduce(flat, group=self.group, async_op=True),
                 dist.all_reduce(scalars, group=self.group, async_op=True)]
         for w in work:
@@ -143,7 +147,9 @@ class DataParallel:
         for p in shapes:
             out.append(flat[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
-        for p, g, has in zip(params, out, scalars[2:].tolist()):
+        # a parameter keeps no gradient only if no process has one (read back only then: no device sync otherwise)
+        anyone = scalars[2:].tolist() if missing else [1.0] * len(params)
+        for p, g, has in zip(params, out, anyone):
             p.grad = g if has else None
         reduced = [g for g in out[len(params):]] if grads is not None else None
         return scalars[0], (scalars[1] if sq_norms is not None else None), reduced, total
