@@ -21,9 +21,10 @@ batches* on every process, with the work of each batch split between them:
 * **state** — parameters and buffers are broadcast from process 0 at the start (the same initial model everywhere);
   buffers (BatchNorm running statistics) again after every epoch. Every process evaluates the full test set with the
   same parameters, so every process returns the same :class:`~gradiv_lib.training.History` (wall-clock seconds aside);
-  only process 0 writes checkpoints and shows a progress bar. Before the first epoch the processes check that they
-  were called with the same settings (seed, epochs, data size, schedule, ...) and raise a ``ValueError`` naming the
-  first difference.
+  only process 0 writes checkpoints (the others wait for it, and a resumed run reads that file everywhere) and shows a
+  progress bar; ``on_epoch_end`` runs on every process. Before the first epoch the processes check that they were
+  called with the same settings (seed, epochs, data size, schedule, ...) and raise a ``ValueError`` naming the first
+  difference; that the data themselves are the same is the caller's promise.
 
 **Why not** ``torch.nn.parallel.DistributedDataParallel``: DDP averages the processes' gradients with equal weights
 (wrong when slices differ in size, and off by :math:`W` for a summed loss), wraps the model (checkpoints gain a
@@ -34,9 +35,11 @@ with the backward pass (buckets reduced while later layers still differentiate),
 many GPUs, not for the correctness this module promises.
 
 Randomness: dropout and other draws of the global torch RNG use a different stream on each process (seeded from
-``seed`` and the rank; process 0's is the single-process one), so masks are not repeated across slices. BatchNorm in
-training mode normalises with each process's slice statistics (as under DDP), so BatchNorm networks are not the
-single-process run of the global batch; use ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for global statistics.
+``seed`` and the rank; process 0's is the single-process one), so masks are not repeated across slices; after a resume
+the other processes' streams are reseeded from (``seed``, rank, epoch), so with dropout a resumed run differs from an
+uninterrupted one on those slices. BatchNorm in training mode normalises with each process's slice statistics (as
+under DDP), so BatchNorm networks are not the single-process run of the global batch
+(``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` shares the statistics on GPUs; not tested here).
 Backends: ``gloo`` on CPU, ``nccl`` on GPU (data and model on ``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
