@@ -90,6 +90,11 @@ def _add_divebatch(sub: Any) -> None:
     p = sub.add_parser(
         "divebatch", help="DiveBatch vs SGD (small and large batch) vs AdaBatch (chapter 4)",
         formatter_class=_Formatter,
+        epilog="Several processes (data parallel: each takes a slice of every global batch; gradients and\n"
+               "per-sample norms are all-reduced, so the run is the one-process run of the same batches):\n"
+               "  gradiv divebatch --nproc 2              two gloo processes on this machine's CPU\n"
+               "  torchrun --standalone --nproc-per-node 4 -m gradiv_lib divebatch --full --dataset cifar10\n"
+               "      --root DIR --device cuda            four processes, one GPU each (nccl)",
         description="DiveBatch vs SGD with a small and a large batch vs AdaBatch (chapter 4).\n\n"
                     "Default (quick, seconds on a CPU): scikit-learn digits, an MLP 64-64-10, SGD with momentum,\n"
                     "batch 16 to 512, 20 epochs, three seeds; steps, samples and seconds to 98 % test accuracy.\n"
@@ -115,6 +120,8 @@ def _add_divebatch(sub: Any) -> None:
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="checkpoint folder (default with --full: ./gradiv_checkpoints/divebatch_<dataset>)")
     p.add_argument("--name", help="result name under ch04/ (default: divebatch_<dataset>)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel gloo processes on this machine's CPU (ignored under torchrun)")
     _run_options(p)
 
 
@@ -315,7 +322,7 @@ def _canonical(argv: Sequence[str]) -> str:
     return shlex.join([PROG, *kept])
 
 
-def _set_threads(args: argparse.Namespace, *, big: bool) -> int:
+def _set_threads(args: argparse.Namespace, *, big: bool, processes: int = 1) -> int:
     import torch
 
     if args.threads:
@@ -325,7 +332,7 @@ def _set_threads(args: argparse.Namespace, *, big: bool) -> int:
 
         threads = default_threads()
     else:
-        threads = min(8, os.cpu_count() or 1) if big else 1
+        threads = max(1, min(8, (os.cpu_count() or 1) // processes)) if big else 1
     torch.set_num_threads(threads)
     return threads
 
@@ -377,23 +384,121 @@ def _cmd_divebatch(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("--book is the digits run; it does not combine with --full")
     out = _out(args)
     device = _resolve_device(args.device)
-    _set_threads(args, big=args.full)
-    if args.full and device.type == "cpu":
+    mode = _parallel_mode(args.nproc)
+    if mode == "spawn":
+        return _spawn_command("divebatch", args, device)
+    if mode == "torchrun":
+        return _under_torchrun(lambda dev: _run_divebatch(args, out, dev), device)
+    return _run_divebatch(args, out, device)
+
+
+def _run_divebatch(args: argparse.Namespace, out: Path, device: Any) -> int:
+    rank, world = _rank_and_world()
+    _set_threads(args, big=args.full, processes=world)
+    if args.full and device.type == "cpu" and rank == 0:
         print("warning: --full on a CPU: ResNet-18 on CIFAR takes days; use a GPU (--device cuda)", file=sys.stderr)
     from .experiments import divebatch
 
     start = time.perf_counter()
-    path, payload = divebatch.run(args.dataset, full=args.full, root=args.root, seeds=args.seeds, methods=args.methods,
-                                  device=device, out=out, name=args.name, checkpoint_dir=args.checkpoint_dir,
-                                  download=args.download, progress=not args.no_progress, epochs=args.epochs,
-                                  delta=args.delta, resize_every=args.resize_every, lr_cap=args.lr_cap)
+    with _rank_out(out, rank) as where:
+        path, payload = divebatch.run(args.dataset, full=args.full, root=args.root, seeds=args.seeds,
+                                      methods=args.methods, device=device, out=where, name=args.name,
+                                      checkpoint_dir=args.checkpoint_dir, download=args.download,
+                                      progress=not args.no_progress, epochs=args.epochs, delta=args.delta,
+                                      resize_every=args.resize_every, lr_cap=args.lr_cap)
+    if rank:
+        return 0
     rows = [f"{k:>16}: " + ", ".join(f"{m} {v:.4g}" for m, v in row.items() if m in
                                       ("final_test_accuracy", "steps_to_target", "total_steps"))
             for k, row in payload["data"]["summary"].items()]
+    on = f", {world} processes" if world > 1 else ""
     _summary(f"divebatch on {args.dataset} ({len(payload['config']['methods'])} methods x "
-             f"{len(payload['config']['seeds'])} seeds, {payload['machine']['device']})", path,
+             f"{len(payload['config']['seeds'])} seeds, {payload['machine']['device']}{on})", path,
              time.perf_counter() - start, rows)
     return 0
+
+
+# ---- several processes (data parallel) --------------------------------------------------------
+
+def _parallel_mode(nproc: int) -> str:
+    """``"process"`` (one process, or one of a group already started), ``"torchrun"`` (RANK/WORLD_SIZE set, the group
+    not yet initialised) or ``"spawn"`` (``--nproc`` > 1: start the processes here)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return "process"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    return "spawn" if nproc > 1 else "process"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _under_torchrun(run: Any, device: Any) -> int:
+    """One process of a ``torchrun`` launch: join the group (nccl on CUDA, one GPU per process; gloo otherwise), run
+    ``run(device)``, leave the group."""
+    import datetime as dt
+
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise CLIError(f"process LOCAL_RANK={local} has no GPU: this machine has {torch.cuda.device_count()}; "
+                           "launch at most that many processes per node (torchrun --nproc-per-node)")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dt.timedelta(minutes=30))
+    try:
+        return run(device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_command(command: str, args: argparse.Namespace, device: Any) -> int:
+    """``--nproc K``: start K gloo processes on 127.0.0.1 that each run this command line."""
+    if device.type != "cpu":
+        raise CLIError(f"--nproc starts gloo processes on the CPU; for {device.type.upper()} devices launch one process "
+                       f"per GPU with: torchrun --standalone --nproc-per-node {args.nproc} -m gradiv_lib {command} "
+                       f"--device {device.type} ...")
+    from .workers.distributed import spawn
+
+    print(f"gradiv {command}: starting {args.nproc} data-parallel processes (gloo on 127.0.0.1) ...", flush=True)
+    spawn(_spawned_main, args.nproc, args=(args._argv,), backend="gloo", threads=args.threads or 1, timeout=7 * 24 * 3600.0)
+    return 0
+
+
+def _spawned_main(rank: int, world: int, argv: Sequence[str]) -> None:
+    """:func:`~gradiv_lib.workers.spawn` target: one process of ``--nproc`` (the group is initialised)."""
+    status = main(list(argv))
+    if status:
+        raise RuntimeError(f"process {rank} of {world} ended with status {status}")
+
+
+class _rank_out:
+    """The folder a process writes its result into: ``out`` on process 0, a temporary folder (removed) elsewhere."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.out, self.rank, self._tmp = out, rank, None
+
+    def __enter__(self) -> Path:
+        if self.rank == 0:
+            return self.out
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"gradiv-rank{self.rank}-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 #: The quick mode of ``gradiv width`` (what it changes in the preset).
@@ -605,6 +710,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     from . import results
 
     results._command = _canonical(argv)
+    args._argv = argv   # what --nproc's processes run
     try:
         return _COMMANDS[args.command](args, sub)
     except KeyboardInterrupt:
