@@ -116,11 +116,15 @@ class Federation:
         Seed of every random choice: client ``i`` in round ``t`` draws from ``default_rng([seed, t, i])``.
     device : str or torch.device, optional
         Where the data and the stacked parameters live (default: the model's device).
+    client_ids : sequence of int, optional
+        The clients' ids in the seeding rule (default ``0 .. N-1``): client ``j`` of this federation draws from
+        ``default_rng([seed, t, client_ids[j]])``. A Flower client holds a one-client federation of its own shard
+        with ``client_ids=[i]`` and then draws exactly what client ``i`` draws in the full federation.
     """
 
     def __init__(self, model: nn.Module, data: InMemoryData | tuple[Tensor, Tensor], partition: Sequence[Tensor],
                  local: LocalWork | None = None, *, loss_fn: Callable[..., Tensor] = F.cross_entropy, seed: int = 0,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, client_ids: Sequence[int] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         mixing = sample_mixing_layers(model)
@@ -166,6 +170,15 @@ class Federation:
         self.local = local
         self.loss_fn = loss_fn
         self.seed = int(seed)
+        if client_ids is None:
+            self.client_ids = list(range(len(shards)))
+        else:
+            ids = list(client_ids) if isinstance(client_ids, (list, tuple, range, np.ndarray)) else None
+            if (ids is None or len(ids) != len(shards) or not all(_is_int(i) and i >= 0 for i in ids)
+                    or len(set(int(i) for i in ids)) != len(ids)):
+                raise ValueError(f"client_ids must be {len(shards)} distinct non-negative integers (one per partition), "
+                                 f"got {client_ids!r}")
+            self.client_ids = [int(i) for i in ids]
         self._bmm = bmm_layers(self.module)
         self._vforward = vmap(lambda p, xb: functional_call(self.module, p, (xb,)), randomness="different")
 
@@ -188,7 +201,7 @@ class Federation:
         (a smaller last batch of an epoch), and the drawn ``{"batch_size", "epochs", "steps"}``."""
         shard = self.shards[client]
         n = len(shard)
-        rng = np.random.default_rng([self.seed, int(round), int(client)])
+        rng = np.random.default_rng([self.seed, int(round), self.client_ids[int(client)]])
         B, E, S = self.local.draw(rng, n)
         nb = -(-n // B)
         total = E * nb if S is None else S
