@@ -162,7 +162,7 @@ def test_deployment_commands():
     assert cmds[0][cmds[0].index("--port") + 1] == "9200"
     assert cmds[2][cmds[2].index("--node-config") + 1] == "partition-id=1 num-partitions=2"
     assert cmds[2][cmds[2].index("--superlink") + 1] == "127.0.0.1:9200"
-    assert cmds[3][1:4] == ["run", "/data/fed/app", "gradiv"] and "gradiv-dir='/data/fed'" in cmds[3]
+    assert cmds[3][1:4] == ["run", "/data/fed/app", "gradiv"] and 'gradiv-dir="/data/fed"' in cmds[3]
 
 
 def test_validation_messages(digits, tmp_path):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import shlex
@@ -80,7 +81,7 @@ MAX_LOCAL_CLIENTS = 16
 APP_COMPONENTS = {"serverapp": "gradiv_lib.federated.flower_app:server_app",
                   "clientapp": "gradiv_lib.federated.flower_app:client_app"}
 
-#: Run-config key of the deployment folder (``flwr run ... --run-config "gradiv-dir='...'"``).
+#: Run-config key of the deployment folder (``flwr run ... --run-config 'gradiv-dir="..."'``).
 DIR_KEY = "gradiv-dir"
 
 
@@ -121,7 +122,7 @@ def _check_federation(federation: Any) -> Federation:
 _PYPROJECT = """\
 # The Flower App of gradiv_lib (written by gradiv_lib.federated.flower.write_deployment): its components live in
 # the installed gradiv_lib, so this bundle is only this file. Run it with
-#   flwr run {app} <connection> --run-config "gradiv-dir='<deployment folder>'" --stream
+#   flwr run {app} <connection> --run-config 'gradiv-dir="<deployment folder>"' --stream
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -235,7 +236,7 @@ def _client_of(context: Any) -> tuple[Federation, int]:
     pid = int(_node_setting(context, "partition-id"))
     directory = _node_setting(context, DIR_KEY)
     if not directory:
-        raise ValueError(f"the run config's {DIR_KEY!r} is empty: pass --run-config \"{DIR_KEY}='<folder>'\" to flwr run")
+        raise ValueError(f"the run config's {DIR_KEY!r} is empty: pass --run-config '{DIR_KEY}=\"<folder>\"' to flwr run")
     fed = load_client(directory, pid)
     n_parts = int(context.node_config.get("num-partitions", fed.num_partitions))
     if n_parts != fed.num_partitions:
@@ -633,8 +634,8 @@ def deployment_commands(directory: str | Path, n_clients: int, *, port: int = 90
             "--disable-runtime-dependency-installation"]
     nodes = [[_bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}", "--host", host, "--port",
               str(q), "--node-config", f"partition-id={i} num-partitions={n_clients}"] for i, q in enumerate(node_ports)]
-    run = [_bin("flwr"), "run", str(directory / "app"), connection, "--run-config", f"{DIR_KEY}='{directory}'",
-           "--stream"]
+    run = [_bin("flwr"), "run", str(directory / "app"), connection, "--run-config",
+           f"{DIR_KEY}={json.dumps(str(directory))}", "--stream"]  # a TOML string
     return [link, *nodes, run]
 
 
