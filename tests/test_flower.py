@@ -182,6 +182,10 @@ def test_validation_messages(digits, tmp_path):
     big = _federation(digits, 20)
     with pytest.raises(ValueError, match=r"one SuperNode process per client.* 20 clients, at most 16"):
         gf.run_local_federation(big, gf.make_strategy("fedavg", big, per_round=2), 1)
+    bad_loss = fed.Federation(mlp(64, 16, 2, 10, seed=0).double(), digits, federation.shards, federation.local,
+                              loss_fn=lambda out, y, reduction="none": (out.sum(1) - y) ** 2)
+    with pytest.raises(ValueError, match="loss_fn .* cannot be pickled for the client processes"):
+        impl.write_deployment(tmp_path, bad_loss, server, rounds=1, per_round=2)
     with pytest.raises(FileNotFoundError, match="no shard for partition 7"):
         gf.load_client(tmp_path, 7)
     from flwr.app import Context, RecordDict

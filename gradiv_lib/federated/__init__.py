@@ -37,12 +37,14 @@ and the client).
 
 Modules, one idea each: :mod:`.solvers` (the min-norm weights, chapter 7.1), :mod:`.servers` (the server
 optimizers, chapters 7.1–7.4), :mod:`.simulation` (clients, the stacked federation and the rounds, chapters
-7.2–7.4); everything is importable from :mod:`gradiv_lib.federated`.
+7.2–7.4); everything is importable from :mod:`gradiv_lib.federated`. The Flower deployment of the same servers
+(chapter 7.4, the ``[flower]`` extra) is :mod:`.flower` with its Flower App in :mod:`.flower_app`; they are not
+imported here.
 """
 
 from __future__ import annotations
 
-from ._checks import _is_int  # noqa: F401 - re-exported for gradiv_lib.flower
+from ._checks import _is_int  # noqa: F401 - kept importable from here (it was before the split)
 from .servers import SERVERS, FedAdam, FedAvg, FedAvgM, FedAWARE, FedProx, FedYogi, Server, make_server
 from .simulation import FederatedHistory, Federation, LocalWork, run_federated, sample_clients
 from .solvers import MIN_NORM_METHODS, OFFICIAL_MAX_ITER, OFFICIAL_STOP_CRIT, min_norm_solve, min_norm_weights  # noqa: F401

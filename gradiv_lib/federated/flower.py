@@ -47,6 +47,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shlex
 import signal
 import socket
@@ -168,6 +169,11 @@ def write_deployment(directory: str | Path, federation: Federation, server: Serv
                          f"federation has {federation.n_clients} x {federation.spec.size}")
     if not _is_int(rounds) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    try:
+        pickle.dumps(federation.loss_fn)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"the federation's loss_fn {federation.loss_fn!r} cannot be pickled for the client processes; "
+                         "use a module-level function such as torch.nn.functional.cross_entropy") from e
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     module = copy.deepcopy(federation.module).cpu()
