@@ -191,6 +191,8 @@ def test_validation_messages(digits, tmp_path):
     from flwr.app import Context, RecordDict
     with pytest.raises(KeyError, match="partition-id=<i> num-partitions=<N>"):
         impl._client_of(Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    with pytest.raises(ValueError, match="run config's 'gradiv-dir' is empty"):
+        impl.server_main(None, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         gf.Nope  # noqa: B018
 

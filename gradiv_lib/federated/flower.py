@@ -287,7 +287,10 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def server_main(grid: Any, context: Any) -> None:
     """The ServerApp's main: load ``server.pt`` from the run config's ``gradiv-dir``, run the rounds with
     :class:`GradivStrategy`, save ``result.pt`` (or ``error.txt`` with the traceback)."""
-    directory = Path(str(context.run_config.get(DIR_KEY, "")))
+    where = str(context.run_config.get(DIR_KEY, ""))
+    if not where:
+        raise ValueError(f"the run config's {DIR_KEY!r} is empty: pass --run-config '{DIR_KEY}=\"<folder>\"' to flwr run")
+    directory = Path(where)
     try:
         if not (directory / "server.pt").is_file():
             raise FileNotFoundError(f"run config {DIR_KEY}={str(directory)!r} holds no server.pt")
