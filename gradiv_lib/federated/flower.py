@@ -706,7 +706,8 @@ def run_local_federation(federation: Federation, strategy: Any, rounds: int, *, 
     ``flower-superlink`` on ``host`` (a free port), one ``flower-supernode`` per client with
     ``--node-config "partition-id=i num-partitions=N"`` and ``flwr run ... --stream``. The SuperLink starts the
     ServerApp process (:func:`server_main`); every SuperNode starts a ClientApp process for each message, which
-    loads only its own shard. Flower's configuration (``FLWR_HOME``) lives in the folder too.
+    loads only its own shard. Flower's configuration (``FLWR_HOME``) lives in the folder too; the processes run with
+    one torch thread each and without Flower's telemetry and update check (no network look-ups).
 
     Returns ``(params, info)``: the final global parameters (flat tensor) and ``info`` with ``"rounds"`` (clients
     and weights per round), ``"clients"`` (per round, each client's process id and local steps), ``"server_pid"``,
@@ -749,7 +750,8 @@ def run_local_federation(federation: Federation, strategy: Any, rounds: int, *, 
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED=os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+               FLWR_DISABLE_UPDATE_CHECK=os.environ.get("FLWR_DISABLE_UPDATE_CHECK", "1"))  # no network look-ups
     procs: list[subprocess.Popen] = []
     start = time.perf_counter()
     deadline = time.monotonic() + float(timeout)
