@@ -481,7 +481,8 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                                          progress=not args.no_progress)
         rows = [f"{k:>10}: largest parameter difference to the simulator {v['max_abs_diff']:.1e}"
                 for k, v in payload["data"]["summary"].items()]
-        _summary(f"federated over Flower ({', '.join(args.servers)}; {rounds} rounds, {args.clients} clients)", path,
+        _summary(f"federated over Flower ({', '.join(payload['config']['servers'])}; {rounds} rounds, "
+                 f"{args.clients} clients)", path,
                  time.perf_counter() - start, rows)
         return 0
     from .experiments import federated_runs

@@ -24,11 +24,12 @@ __all__ = ["run", "MAX_CLIENTS"]
 MAX_CLIENTS = 16
 
 
-def run(*, servers: Sequence[str] = ("fedaware",), rounds: int = 3, n_clients: int = 3, per_round: int = 2,
+def run(*, servers: Sequence[str] | None = ("fedaware",), rounds: int = 3, n_clients: int = 3, per_round: int = 2,
         alpha: float = 0.3, local_work: str = "hetero+", lr: float = 0.05, seeds: Sequence[int] | None = None,
         out: str | Path | None = None, name: str | None = None, timeout: float = 600.0,
         progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Run every server in the simulator and on Flower; save ``federated/<name>``; return the path and payload."""
+    """Run every server (default FedAWARE) in the simulator and on Flower; save ``federated/<name>``; return the path
+    and payload."""
     import json
 
     import numpy as np
@@ -45,6 +46,7 @@ def run(*, servers: Sequence[str] = ("fedaware",), rounds: int = 3, n_clients: i
         raise ValueError(f"local_work must be one of {', '.join(LOCAL_WORK)}, got {local_work!r}")
     if not 1 <= n_clients <= MAX_CLIENTS:
         raise ValueError(f"n_clients must be in [1, {MAX_CLIENTS}] (one SuperNode process each), got {n_clients!r}")
+    servers = ["fedaware"] if servers is None else list(servers)
     seeds = [1] if seeds is None else [int(s) for s in seeds]
     server_kwargs = {"fedaware": {"alpha": 0.5}, "fedprox": {"mu": 0.1}}
     config = dict(data="digits float64", model="mlp 64-32-10", servers=list(servers), rounds=int(rounds),
