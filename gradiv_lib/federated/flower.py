@@ -718,6 +718,9 @@ def run_local_federation(federation: Federation, strategy: Any, rounds: int, *, 
     compatibility (the processes always log into files in the folder's ``logs/``).
     """
     require_flwr()
+    if os.name != "posix":
+        raise NotImplementedError("run_local_federation manages its processes as POSIX sessions (Linux, macOS); on "
+                                  f"{os.name!r} start the commands of deployment_commands by hand")
     _check_run(federation, strategy, rounds)
     if federation.n_clients > MAX_LOCAL_CLIENTS:
         raise ValueError(f"run_local_federation starts one SuperNode process per client (and one process per message); "
