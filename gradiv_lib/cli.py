@@ -183,8 +183,11 @@ def _add_federated(sub: Any) -> None:
                     "each round samples clients, runs their local SGD as stacked tensors and aggregates on the\n"
                     "server. Records accuracy, loss and the gradient diversity of the client updates per round.\n\n"
                     "Default (quick, seconds): 100 clients, 10 per round, 30 rounds, FedAvg and FedAWARE.\n"
-                    "--full: 300 rounds. --flower: the same run over Flower's gRPC on this machine (needs the\n"
-                    "'flower' extra: pip install \"gradiv_lib[flower]\").")
+                    "--full: 300 rounds. --flower: each server in the simulator and as a real Flower deployment on\n"
+                    "this machine (flower-superlink, one flower-supernode per client, flwr run: separate processes\n"
+                    "on 127.0.0.1), saving federated/flower_check with the largest parameter difference; needs the\n"
+                    "'flower' extra (pip install \"gradiv_lib[flower]\") and at most 16 clients, e.g.\n"
+                    "  gradiv federated --flower --servers fedaware --clients 3 --per-round 2 --rounds 3")
     p.add_argument("--servers", nargs="+", default=["fedavg", "fedaware"], metavar="SERVER",
                    choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedaware"],
                    help="server optimizers, one run each: fedavg fedprox fedavgm fedadam fedyogi fedaware")
@@ -196,8 +199,9 @@ def _add_federated(sub: Any) -> None:
     p.add_argument("--local-work", choices=["hetero+", "steps10"], default="hetero+",
                    help="hetero+: epochs 2-5 and batch sizes drawn per client per round; steps10: 10 steps of batch 10")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="clients' learning rate")
-    p.add_argument("--flower", action="store_true", help="run over Flower (gRPC on 127.0.0.1) instead of the simulator")
-    p.add_argument("--name", help="result name under federated/ (default: digits_<servers>)")
+    p.add_argument("--flower", action="store_true",
+                   help="compare the simulator with a Flower deployment on 127.0.0.1 (SuperLink + one SuperNode per client)")
+    p.add_argument("--name", help="result name under federated/ (default: digits_<servers>; flower_check with --flower)")
     _run_options(p, device=False)
 
 
@@ -565,14 +569,29 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--per-round {args.per_round} is more than --clients {args.clients}")
     out = _out(args)
     _set_threads(args, big=False)
-    if args.flower:
-        from .flower import require_flwr
-
-        require_flwr()
-    from .experiments import federated_runs
-
     rounds = args.rounds or (300 if args.full else 30)
     start = time.perf_counter()
+    if args.flower:
+        from .experiments import flower_check
+
+        if args.clients > flower_check.MAX_CLIENTS:
+            parser.error(f"--flower starts one SuperNode process per client: --clients {args.clients} is more than "
+                         f"{flower_check.MAX_CLIENTS} (e.g. --clients 3 --per-round 2 --rounds 3)")
+        from .federated.flower import require_flwr
+
+        require_flwr()
+        path, payload = flower_check.run(servers=args.servers, rounds=rounds, n_clients=args.clients,
+                                         per_round=args.per_round, alpha=args.alpha, local_work=args.local_work,
+                                         lr=args.lr, seeds=args.seeds, out=out, name=args.name,
+                                         progress=not args.no_progress)
+        rows = [f"{k:>10}: largest parameter difference to the simulator {v['max_abs_diff']:.1e}"
+                for k, v in payload["data"]["summary"].items()]
+        _summary(f"federated over Flower ({', '.join(payload['config']['servers'])}; {rounds} rounds, "
+                 f"{args.clients} clients)", path,
+                 time.perf_counter() - start, rows)
+        return 0
+    from .experiments import federated_runs
+
     path, payload = federated_runs.run(servers=args.servers, rounds=rounds, n_clients=args.clients,
                                        per_round=args.per_round, alpha=args.alpha, local_work=args.local_work,
                                        lr=args.lr, seeds=args.seeds, flower=args.flower, out=out, name=args.name,
