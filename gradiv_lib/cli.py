@@ -465,6 +465,8 @@ def _cmd_plasticity(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.per_round > args.clients:
         parser.error(f"--per-round {args.per_round} is more than --clients {args.clients}")
+    if args.sweep and args.flower:
+        parser.error("--sweep runs the simulator; it cannot be combined with --flower")
     out = _out(args)
     _set_threads(args, big=False)
     if args.flower:
@@ -475,8 +477,6 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     start = time.perf_counter()
     if args.sweep:
-        if args.flower:
-            parser.error("--sweep runs the simulator; it cannot be combined with --flower")
         path, payload = federated_runs.sweep(book=args.full, servers=args.servers, rounds=args.rounds,
                                              tune_seeds=args.seeds, out=out, name=args.name,
                                              progress=not args.no_progress)
