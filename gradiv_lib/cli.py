@@ -182,7 +182,7 @@ def _add_federated(sub: Any) -> None:
                     "FedAWARE) tuned on its own 12-point grid (server rate x its key hyperparameter) in every\n"
                     "setting (digits, MNIST-1D) x (Dirichlet 0.1, 2 shards) x (equal, heterogeneous local steps),\n"
                     "the best rerun on fresh seeds. Quick by default (one setting, 30 rounds, seconds); with\n"
-                    "--full the book's sweep (8 settings, 100 rounds, tuning seeds 0-2, fresh seeds 3-5; ~15 min).")
+                    "--full the book's sweep (8 settings, 100 rounds, tuning seeds 0-2, fresh seeds 3-5; ~25 min).")
     p.add_argument("--sweep", action="store_true", help="the tuning sweep of chapter 7 (see above)")
     p.add_argument("--servers", nargs="+", default=None, metavar="SERVER",
                    choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedaware"],
