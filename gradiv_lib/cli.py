@@ -184,6 +184,8 @@ def _add_federated(sub: Any) -> None:
                     "the best rerun on fresh seeds. Quick by default (one setting, 30 rounds, seconds); with\n"
                     "--full the book's sweep (8 settings, 100 rounds, tuning seeds 0-2, fresh seeds 3-5; ~25 min).")
     p.add_argument("--sweep", action="store_true", help="the tuning sweep of chapter 7 (see above)")
+    p.add_argument("--edges", action="store_true",
+                   help="with --sweep: probe configurations one step beyond the grids' edges on two digits settings")
     p.add_argument("--servers", nargs="+", default=None, metavar="SERVER",
                    choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedaware"],
                    help="server optimizers, one run each: fedavg fedprox fedavgm fedadam fedyogi fedaware "
@@ -467,6 +469,8 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--per-round {args.per_round} is more than --clients {args.clients}")
     if args.sweep and args.flower:
         parser.error("--sweep runs the simulator; it cannot be combined with --flower")
+    if args.edges and not args.sweep:
+        parser.error("--edges belongs to --sweep: gradiv federated --sweep --edges")
     out = _out(args)
     _set_threads(args, big=False)
     if args.flower:
@@ -476,6 +480,12 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from .experiments import federated_runs
 
     start = time.perf_counter()
+    if args.sweep and args.edges:
+        path, payload = federated_runs.probe_edges(out=out, name=args.name, progress=not args.no_progress)
+        rows = [f"{st:>24} {server:>9}: {e['config']}  mean final accuracy {sum(e['final']) / len(e['final']):.3f}"
+                for st, by_server in payload["data"].items() for server, es in by_server.items() for e in es]
+        _summary("federated sweep: edge probes", path, time.perf_counter() - start, rows)
+        return 0
     if args.sweep:
         path, payload = federated_runs.sweep(book=args.full, servers=args.servers, rounds=args.rounds,
                                              tune_seeds=args.seeds, out=out, name=args.name,

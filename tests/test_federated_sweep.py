@@ -93,3 +93,16 @@ def test_cli_sweep_quick_path_and_flower_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["federated", "--sweep", "--flower", "--out", str(tmp_path)])
     assert "--sweep runs the simulator" in capsys.readouterr().err
+
+
+def test_edge_probes_lie_outside_the_grids(monkeypatch, tmp_path):
+    for server, configs in fr.EDGE_PROBES.items():
+        grid = fr.GRIDS[server]
+        for c in configs:
+            assert any(c[k] not in grid[k] for k in c), (server, c)      # each probe is beyond the grid
+    monkeypatch.setitem(fr.SWEEP_BOOK, "rounds", 2)
+    monkeypatch.setitem(fr.SWEEP_BOOK, "tune_seeds", [0])
+    path, payload = fr.probe_edges(out=tmp_path, progress=False)
+    assert path == tmp_path / "ch07" / "sweep_edges.json"
+    assert set(payload["data"]) == set(fr.EDGE_SETTINGS)
+    assert all(len(e["final"]) == 1 for by in payload["data"].values() for es in by.values() for e in es)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GRIDS", "LOCAL_WORK", "SETTINGS", "run", "run_grid", "sweep", "summarize_sweep"]
+__all__ = ["EDGE_PROBES", "GRIDS", "LOCAL_WORK", "SETTINGS", "probe_edges", "run", "run_grid", "sweep", "summarize_sweep"]
 
 #: The local-work settings by name (arguments of :class:`gradiv_lib.federated.LocalWork`, without the lr).
 LOCAL_WORK: dict[str, dict[str, Any]] = {"hetero+": dict(batch_size=(5, None), epochs=(2, 5)),
@@ -410,3 +410,46 @@ def summarize_sweep(payload: dict[str, Any], tolerance: float = 0.01) -> dict[st
                 row["match_lr_ratio"] = round(lrs[-1] / lrs[0], 6) if lrs else 0.0
             out[setting][server] = row
     return out
+
+
+#: Configurations one step beyond the grids' edges (server rate or key hyperparameter), probed on two digits
+#: settings where the sweep selected edge configurations (``gradiv federated --sweep --edges``).
+EDGE_PROBES: dict[str, list[dict[str, float]]] = {
+    "fedaware": [{"lr": 16.0, "alpha": 0.9}, {"lr": 16.0, "alpha": 0.6}, {"lr": 8.0, "alpha": 0.99}],
+    "fedyogi": [{"lr": 1.0, "tau": 0.01}, {"lr": 0.3, "tau": 0.03}],
+    "fedavgm": [{"lr": 8.0, "beta": 0.7}, {"lr": 1.0, "beta": 0.95}],
+}
+EDGE_SETTINGS: tuple[str, ...] = ("digits/shards/hetero", "digits/dirichlet/equal")
+
+
+def probe_edges(*, out: str | Path | None = None, name: str | None = None,
+                progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Run :data:`EDGE_PROBES` on :data:`EDGE_SETTINGS` with the book sweep's tuning seeds and protocol; saves
+    ``ch07/sweep_edges`` (per setting and server: each configuration's final accuracy per tuning seed)."""
+    from tqdm.auto import tqdm
+
+    from .. import results
+
+    cfg = SWEEP_BOOK
+    config = {"settings": list(EDGE_SETTINGS), "probes": EDGE_PROBES, "fixed": FIXED, "n_clients": cfg["n_clients"],
+              "per_round": cfg["per_round"], "rounds": cfg["rounds"], "eval_every": cfg["eval_every"],
+              "tune_seeds": cfg["tune_seeds"], "final": "mean test accuracy of the last 3 evaluations"}
+    root = results.check_out(out)
+    start = time.perf_counter()
+    data: dict[str, Any] = {}
+    bar = tqdm(total=len(EDGE_SETTINGS) * len(cfg["tune_seeds"]) * len(EDGE_PROBES), desc="edge probes", unit="run",
+               disable=not progress)
+    for setting in EDGE_SETTINGS:
+        data[setting] = {s: [{"config": c, "final": []} for c in cs] for s, cs in EDGE_PROBES.items()}
+        for seed in cfg["tune_seeds"]:
+            federation, test = make_federation(setting, seed, cfg["n_clients"])
+            for server, configs in EDGE_PROBES.items():
+                recs = run_grid(federation, server, configs, cfg["rounds"], per_round=cfg["per_round"], test=test,
+                                seed=seed, eval_every=cfg["eval_every"])
+                for entry, rec in zip(data[setting][server], recs):
+                    entry["final"].append(_scores(rec["test_accuracy"])["final"])
+                bar.update(1)
+    bar.close()
+    path = results.save(f"ch07/{name or 'sweep_edges'}", data, config=config, seconds=time.perf_counter() - start,
+                        device="cpu", root=root)
+    return path, json.loads(path.read_text())
