@@ -187,10 +187,19 @@ def _add_federated(sub: Any) -> None:
                     "this machine (flower-superlink, one flower-supernode per client, flwr run: separate processes\n"
                     "on 127.0.0.1), saving federated/flower_check with the largest parameter difference; needs the\n"
                     "'flower' extra (pip install \"gradiv_lib[flower]\") and at most 16 clients, e.g.\n"
-                    "  gradiv federated --flower --servers fedaware --clients 3 --per-round 2 --rounds 3")
-    p.add_argument("--servers", nargs="+", default=["fedavg", "fedaware"], metavar="SERVER",
+                    "  gradiv federated --flower --servers fedaware --clients 3 --per-round 2 --rounds 3\n\n"
+                    "--sweep: chapter 7's fair comparison instead: every server (FedAvg, FedAvgM, FedProx, FedYogi,\n"
+                    "FedAWARE) tuned on its own 12-point grid (server rate x its key hyperparameter) in every\n"
+                    "setting (digits, MNIST-1D) x (Dirichlet 0.1, 2 shards) x (equal, heterogeneous local steps),\n"
+                    "the best rerun on fresh seeds. Quick by default (one setting, 30 rounds, seconds); with\n"
+                    "--full the book's sweep (8 settings, 100 rounds, tuning seeds 0-2, fresh seeds 3-5; ~25 min).")
+    p.add_argument("--sweep", action="store_true", help="the tuning sweep of chapter 7 (see above)")
+    p.add_argument("--edges", action="store_true",
+                   help="with --sweep: probe configurations one step beyond the grids' edges on two digits settings")
+    p.add_argument("--servers", nargs="+", default=None, metavar="SERVER",
                    choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedaware"],
-                   help="server optimizers, one run each: fedavg fedprox fedavgm fedadam fedyogi fedaware")
+                   help="server optimizers, one run each: fedavg fedprox fedavgm fedadam fedyogi fedaware "
+                        "(default: fedavg fedaware; with --sweep all but fedadam)")
     p.add_argument("--rounds", type=_positive_int, help="communication rounds (default 30, 300 with --full)")
     p.add_argument("--full", action="store_true", help="the longer run (300 rounds)")
     p.add_argument("--clients", type=_positive_int, default=100, help="number of clients")
@@ -567,6 +576,10 @@ def _cmd_plasticity(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.per_round > args.clients:
         parser.error(f"--per-round {args.per_round} is more than --clients {args.clients}")
+    if args.sweep and args.flower:
+        parser.error("--sweep runs the simulator; it cannot be combined with --flower")
+    if args.edges and not args.sweep:
+        parser.error("--edges belongs to --sweep: gradiv federated --sweep --edges")
     out = _out(args)
     _set_threads(args, big=False)
     rounds = args.rounds or (300 if args.full else 30)
@@ -592,6 +605,25 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         return 0
     from .experiments import federated_runs
 
+    if args.sweep and args.edges:
+        path, payload = federated_runs.probe_edges(out=out, name=args.name, progress=not args.no_progress)
+        rows = [f"{st:>24} {server:>9}: {e['config']}  mean final accuracy {sum(e['final']) / len(e['final']):.3f}"
+                for st, by_server in payload["data"].items() for server, es in by_server.items() for e in es]
+        _summary("federated sweep: edge probes", path, time.perf_counter() - start, rows)
+        return 0
+    if args.sweep:
+        path, payload = federated_runs.sweep(book=args.full, servers=args.servers, rounds=args.rounds,
+                                             tune_seeds=args.seeds, out=out, name=args.name,
+                                             progress=not args.no_progress)
+        rows = []
+        for setting, by_server in payload["data"]["summary"].items():
+            for server, row in by_server.items():
+                rows.append(f"{setting:>24} {server:>9}: {row['config']}  final accuracy {row['final_mean']:.3f} "
+                            f"[{row['final_min']:.3f}, {row['final_max']:.3f}] on fresh seeds")
+        _summary(f"federated sweep ({'book' if args.full else 'quick'} mode)", path, time.perf_counter() - start, rows)
+        return 0
+    if args.servers is None:
+        args.servers = ["fedavg", "fedaware"]
     path, payload = federated_runs.run(servers=args.servers, rounds=rounds, n_clients=args.clients,
                                        per_round=args.per_round, alpha=args.alpha, local_work=args.local_work,
                                        lr=args.lr, seeds=args.seeds, flower=args.flower, out=out, name=args.name,

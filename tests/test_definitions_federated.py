@@ -391,3 +391,21 @@ def test_fedaware_alpha_one_keeps_only_the_last_update_and_state_sizes_are_check
     assert s.memory[0].tolist() == [7.0, 8.0] and s.memory[1].tolist() == [3.0, 4.0]
     with pytest.raises(ValueError, match="state holds 2 clients x \\(2,\\) parameters, this server 3 x \\(2,\\)"):
         fed.FedAWARE(torch.zeros(2, dtype=torch.float64), 3).load_state_dict(s.state_dict())
+
+
+def test_fedyogi_official_v0_zero_by_hand():
+    """FedAWARE's official FedOpt starts v at 0 (not tau^2): one round with g = 2, beta = (0.9, 0.99), tau = 1e-4:
+    m = 0.2, v = 0 - 0.01 * 4 * sign(0 - 4) = 0.04, step = lr * 0.2 / (0.2 + 1e-4) = 0.0099950...;
+    with the paper's v0 = tau^2 = 1e-8 the step is lr * 0.2 / (sqrt(0.04000001) + 1e-4), a different number."""
+    s = fed.FedYogi(torch.zeros(1, dtype=torch.float64), 1, lr=0.01, tau=1e-4, v0=0.0)
+    assert float(s.v) == 0.0
+    s.aggregate(0, [0], torch.tensor([[2.0]], dtype=torch.float64), [1])
+    assert float(s.v) == pytest.approx(0.04, abs=1e-15)
+    assert float(s.params) == pytest.approx(-0.01 * 0.2 / (0.2 + 1e-4), rel=1e-14)
+    paper = fed.FedYogi(torch.zeros(1, dtype=torch.float64), 1, lr=0.01, tau=1e-4)
+    assert float(paper.v) == pytest.approx(1e-8, rel=1e-14)          # default v0 = tau^2 (Reddi et al.)
+    paper.aggregate(0, [0], torch.tensor([[2.0]], dtype=torch.float64), [1])
+    assert float(paper.v) == pytest.approx(1e-8 + 0.04, rel=1e-14)
+    assert abs(float(paper.params) - float(s.params)) > 1e-12
+    with pytest.raises(ValueError, match="v0"):
+        fed.FedAdam(torch.zeros(1), 1, v0=-1.0)

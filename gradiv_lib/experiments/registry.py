@@ -60,6 +60,12 @@ SHIPPED: tuple[Shipped, ...] = (
     # chapter 4: the digits comparison is its own quick mode
     Shipped("ch04/divebatch_digits", "gradiv divebatch", "gradiv_lib/experiments/divebatch.py", cheap=True,
             ignore=("train_loss", "test_loss"), minutes=0.2),   # late losses of large-batch SGD drift most; unplotted
+    # chapter 7: the fair federated comparison (every server tuned on its own grid; minutes) and its quick mode
+    Shipped("ch07/sweep", "gradiv federated --sweep --full", "gradiv_lib/experiments/federated_runs.py", minutes=25),
+    Shipped("ch07/sweep_edges", "gradiv federated --sweep --edges", "gradiv_lib/experiments/federated_runs.py",
+            minutes=2),
+    Shipped("ch07/sweep_quick", "gradiv federated --sweep", "gradiv_lib/experiments/federated_runs.py", cheap=True,
+            minutes=0.3),
     # chapter 8: the continual-learning runs of the book (minutes) and one quick mode
     Shipped("ch08/random_labels", "gradiv plasticity random_labels --book", "gradiv_lib/experiments/continual.py",
             minutes=7),

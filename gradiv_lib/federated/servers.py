@@ -168,18 +168,23 @@ class FedAvgM(Server):
 class FedAdam(Server):
     r"""FedAdam (Reddi et al. 2021) on the averaged pseudo-gradient :math:`\bar\Delta`:
     :math:`m\leftarrow\beta_1m+(1-\beta_1)\bar\Delta`, :math:`v\leftarrow\beta_2v+(1-\beta_2)\bar\Delta^2`,
-    :math:`x\leftarrow x-\eta_g\,m/(\sqrt v+\tau)` (no bias correction, :math:`v_0=\tau^2`, as in the paper)."""
+    :math:`x\leftarrow x-\eta_g\,m/(\sqrt v+\tau)` (no bias correction).
+
+    ``v0`` is the initial second moment :math:`v_0` (every coordinate): ``None`` (default) is :math:`\tau^2`, as in
+    Reddi et al.'s paper; FedAWARE's official FedOpt baseline starts at :math:`v_0 = 0` (with :math:`\tau=10^{-4}`),
+    which makes the first step sign-like, :math:`\eta_g(1-\beta_1)/\sqrt{1-\beta_2}` per coordinate."""
 
     name = "fedadam"
 
     def __init__(self, params: Tensor, n_clients: int, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3) -> None:
+                 tau: float = 1e-3, v0: float | None = None) -> None:
         super().__init__(params, n_clients, lr)
         self.beta1 = _check_real(beta1, "beta1", 0.0, 1.0)
         self.beta2 = _check_real(beta2, "beta2", 0.0, 1.0)
         self.tau = _check_real(tau, "tau", 0.0, lo_open=True)
+        self.v0 = self.tau ** 2 if v0 is None else _check_real(v0, "v0", 0.0)
         self.m = torch.zeros_like(self.params)
-        self.v = torch.full_like(self.params, self.tau ** 2)
+        self.v = torch.full_like(self.params, self.v0)
 
     def _second_moment(self, g2: Tensor) -> Tensor:
         return self.beta2 * self.v + (1 - self.beta2) * g2
@@ -200,7 +205,8 @@ class FedAdam(Server):
 
 class FedYogi(FedAdam):
     r"""FedYogi (Reddi et al. 2021): FedAdam with :math:`v\leftarrow v-(1-\beta_2)\bar\Delta^2\operatorname{sign}(v-\bar\Delta^2)`
-    (FedAWARE's scripts: :math:`\eta_g = 0.01`, :math:`\beta_1=0.9`, :math:`\beta_2=0.99`, :math:`\tau=10^{-4}`)."""
+    (FedAWARE's scripts: :math:`\eta_g = 0.01`, :math:`\beta_1=0.9`, :math:`\beta_2=0.99`, :math:`\tau=10^{-4}`,
+    :math:`v_0 = 0`: pass ``tau=1e-4, v0=0.0``)."""
 
     name = "fedyogi"
 
