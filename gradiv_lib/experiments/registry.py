@@ -60,14 +60,10 @@ SHIPPED: tuple[Shipped, ...] = (
     # chapter 4: the digits comparison is its own quick mode
     Shipped("ch04/divebatch_digits", "gradiv divebatch", "gradiv_lib/experiments/divebatch.py", cheap=True,
             ignore=("train_loss", "test_loss"), minutes=0.2),   # late losses of large-batch SGD drift most; unplotted
-    # chapter 8: the continual-learning runs of the book (minutes) and one quick mode
-    Shipped("ch08/random_labels", "gradiv plasticity random_labels --book", "gradiv_lib/experiments/continual.py",
-            minutes=7),
-    Shipped("ch08/permuted", "gradiv plasticity permuted --book", "gradiv_lib/experiments/continual.py", minutes=2.5),
-    Shipped("ch08/sensitivity", "gradiv plasticity sensitivity --book", "gradiv_lib/experiments/continual.py",
-            minutes=9),
-    Shipped("ch08/random_labels_quick", "gradiv plasticity random_labels", "gradiv_lib/experiments/continual.py",
-            cheap=True, minutes=0.5),
+    # chapter 8: the tuned comparison and sensitivity on MNIST-1D (sections 8.2, 8.3; minutes) and its quick mode
+    Shipped("ch08/mnist1d", "gradiv plasticity mnist1d --book", "gradiv_lib/experiments/continual.py", minutes=25),
+    Shipped("ch08/mnist1d_quick", "gradiv plasticity mnist1d", "gradiv_lib/experiments/continual.py", cheap=True,
+            minutes=0.3),
     # benchmarks (chapters 2, 6 and 7): timings, compared by structure only
     Shipped("benchmarks/workers_cpu", "gradiv bench workers", "benchmarks/bench_workers.py", compare="structure",
             ignore=("backend_chosen", "gate_max_abs_diff"), minutes=1),

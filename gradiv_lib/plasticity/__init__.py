@@ -27,6 +27,9 @@ re-exported here (``from gradiv_lib import plasticity as pl; pl.Spectral(...)``)
   (:func:`make_tasks` from :mod:`gradiv_lib.data`'s task streams, or your own through :func:`as_tasks`), which
   records the metrics at every task boundary and checkpoints atomically after every task (a run started again
   with the same arguments resumes and gives the same history); the probe :func:`plasticity`.
+* :mod:`~gradiv_lib.plasticity.tuning` (8.2, 8.3): fair tuning, a strength grid centred on each penalty's own
+  scale (:func:`strength_scale`, :func:`log_grid`, :func:`refine_decades`, :func:`method_params`) and sensitivity
+  as the width of the range that beats a baseline (:func:`beating_range`).
 * :mod:`~gradiv_lib.plasticity.runs` (8.2, 8.3): the book's run protocols (:data:`EXPERIMENTS`, :func:`run_one`,
   :func:`compact_history`) behind the command line.
 
@@ -37,20 +40,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import continual, metrics, regularizers, runs  # noqa: F401
+from . import continual, metrics, regularizers, runs, tuning  # noqa: F401
 from ._checks import _check_int, _check_model, _check_number  # noqa: F401
 from .continual import (CHECKPOINT_FORMAT, STREAMS, ContinualHistory, _diversity, _make_optimizer, _probe,  # noqa: F401
                         _train_steps, as_tasks, make_tasks, plasticity, train_continual)
 from .metrics import dormant_fraction, effective_rank, hidden_features, sigma_max, task_accuracy
 from .regularizers import (REGULARIZERS, L2, L2Init, NoRegularizer, Regularizer, ShrinkPerturb, Spectral,
                            WassersteinInit, fresh_init, make_regularizer, power_iteration)
-from .runs import EXPERIMENTS, compact_history, run_experiment, run_one
+from .runs import DATASETS, EXPERIMENTS, compact_history, load_dataset, run_one
+from .tuning import beating_range, log_grid, method_params, refine_decades, strength_scale
 
 __all__ = [
     "CHECKPOINT_FORMAT", "EXPERIMENTS", "REGULARIZERS", "STREAMS", "ContinualHistory", "L2", "L2Init", "NoRegularizer",
     "Regularizer", "ShrinkPerturb", "Spectral", "WassersteinInit", "as_tasks", "compact_history", "dormant_fraction",
     "effective_rank", "fresh_init", "hidden_features", "make_regularizer", "make_tasks", "plasticity",
-    "power_iteration", "run_experiment", "run_one", "sigma_max", "task_accuracy", "train_continual",
+    "power_iteration", "run_one", "sigma_max", "task_accuracy", "train_continual",
+    "DATASETS", "beating_range", "load_dataset", "log_grid", "method_params", "refine_decades", "strength_scale",
 ]
 
 

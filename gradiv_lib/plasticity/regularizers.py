@@ -86,6 +86,17 @@ class Regularizer:
     def _raw(self, named: list[tuple[str, Tensor]]) -> Tensor:
         return named[0][1].new_zeros(())
 
+    @torch.no_grad()
+    def raw(self, model: nn.Module) -> float:
+        """:math:`R(\\theta)`, the penalty *without* :math:`\\lambda`, at ``model``'s weights, exactly and
+        without changing the regularizer's state (:class:`Spectral` uses the exact :math:`\\sigma_{\\max}` here,
+        not its power-iteration estimate). It sets the scale a fair strength grid is centred on
+        (:func:`gradiv_lib.plasticity.tuning.strength_scale`)."""
+        return float(self._exact_raw(self._params(model)))
+
+    def _exact_raw(self, named: list[tuple[str, Tensor]]) -> Tensor:
+        return self._raw(named)
+
     def __call__(self, model: nn.Module) -> Tensor:
         return self.penalty(model)
 
@@ -305,6 +316,16 @@ class Spectral(Regularizer):
                 total = total + (sigma ** self.k - self.target ** self.k) ** 2
             elif _is_bias(n):
                 total = total + p.square().sum() ** self.k
+        return total
+
+    def _exact_raw(self, named: list[tuple[str, Tensor]]) -> Tensor:
+        total = named[0][1].new_zeros((), dtype=torch.float64)
+        for i, (n, p) in enumerate(named):
+            if self._u[i] is not None:
+                sigma = torch.linalg.matrix_norm(p.reshape(p.shape[0], -1).to(torch.float64), 2)
+                total = total + (sigma ** self.k - self.target ** self.k) ** 2
+            elif _is_bias(n):
+                total = total + p.to(torch.float64).square().sum() ** self.k
         return total
 
 
