@@ -98,3 +98,31 @@ def test_beating_range_interpolates_the_crossings() -> None:
     with pytest.raises(ValueError, match="distinct"):
         pl.beating_range([0, 0], [0.6, 0.7], 0.5)
     assert math.isclose(pl.beating_range([0.0], [0.9], 0.5)["width"], 0.0)
+
+
+def test_the_tuned_experiment_picks_each_methods_best_and_evaluates_it_on_fresh_seeds(tmp_path) -> None:
+    from gradiv_lib.experiments import continual
+
+    _, payload = continual.run("mnist1d", methods=["spectral", "shrink_perturb"], n_tasks=2, epochs_per_task=1,
+                               out=tmp_path, progress=False)
+    cfg, data = payload["config"], payload["data"]
+    assert set(data["eval"]) == {"none", "spectral", "shrink_perturb"}
+    assert all(len(runs) == len(cfg["eval_seeds"]) for runs in data["eval"].values())
+    assert not set(cfg["eval_seeds"]) & set(cfg["tune_seeds"])          # evaluation seeds were not tuned on
+    for method, runs in data["sweep"].items():
+        decades = sorted(float(k) for k in runs)
+        assert set(cfg["coarse_decades"]) <= set(decades)
+        scores = {k: sum(sum(h["online_accuracy"]) / len(h["online_accuracy"]) for h in hs) / len(hs)
+                  for k, hs in runs.items()}
+        best = max(scores, key=scores.get)
+        assert data["best"][method]["decade"] == float(best)           # the best of the tuning seeds' mean score
+        assert data["best"][method]["strength"] == pytest.approx(data["scales"][method] * 10 ** float(best))
+        assert all(len(hs) == len(cfg["tune_seeds"]) for hs in runs.values())
+        # every evaluation run used the chosen setting (its configuration is stored rounded to 5 decimals)
+        reg = data["eval"][method][0]["regularizer"]
+        if method == "spectral":
+            assert reg["strength"] == pytest.approx(data["best"][method]["strength"], abs=1e-5) and reg["k"] == cfg["spectral_k"]
+        else:   # alpha <= 1, a step toward a fresh initialisation
+            assert max(decades) <= 0 and reg["perturbation"] == "init"
+            assert reg["noise"] == pytest.approx(data["best"][method]["strength"], abs=1e-5)
+            assert reg["shrink"] == pytest.approx(1 - data["best"][method]["strength"], abs=1e-5)

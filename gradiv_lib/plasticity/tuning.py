@@ -60,6 +60,7 @@ def log_grid(center: float, decades: Sequence[float]) -> list[float]:
 def refine_decades(decades: Sequence[float], scores: Sequence[float], step: float = 0.5) -> list[float]:
     """The exponents ``best ± step`` (``best`` the exponent of the highest score) that are not in ``decades``
     yet: the fine stage of a coarse-then-fine search."""
+    decades, scores = [float(k) for k in decades], [float(v) for v in scores]
     if len(decades) != len(scores) or not decades:
         raise ValueError(f"decades and scores must be non-empty and of equal length, got {len(decades)} and {len(scores)}")
     _check_number(step, "step", strict=True)
@@ -94,6 +95,7 @@ def beating_range(decades: Sequence[float], scores: Sequence[float], baseline: f
     is at least that wide. Returns ``lo``, ``hi`` (exponents), ``width`` (decades, ``hi - lo``; 0 when even the
     best point does not beat the baseline) and the two flags.
     """
+    decades, scores = [float(k) for k in decades], [float(v) for v in scores]
     if len(decades) != len(scores) or not decades:
         raise ValueError(f"decades and scores must be non-empty and of equal length, got {len(decades)} and {len(scores)}")
     order = sorted(range(len(decades)), key=lambda i: decades[i])
