@@ -5,9 +5,10 @@ Chapter 8: the tuned comparison of section 8.2 (``book/ch08_plasticity/02_regula
 sensitivity of section 8.3 (``03_sensitivity_and_explorer``) are made with these by
 ``gradiv plasticity mnist1d`` (:mod:`gradiv_lib.experiments.continual`).
 
-The penalties differ in scale by orders of magnitude (:math:`\\lVert\\theta\\rVert^2` counts every weight,
-:math:`\\lVert\\theta-\\theta_0\\rVert^2` only how far they moved, the spectral term one number per layer), so one
-absolute :math:`\\lambda` grid for all of them favours whichever happens to sit at the right place in it.
+The penalties measure different things (:math:`\\lVert\\theta\\rVert^2` counts every weight,
+:math:`\\lVert\\theta-\\theta_0\\rVert^2` only how far they moved, the spectral term one number per layer) and
+nothing makes their scales agree, so one absolute :math:`\\lambda` grid for all of them favours whichever happens to
+sit at the right place in it.
 :func:`strength_scale` puts every method on its own scale: :math:`\\lambda_c = \\ell_0 / R(\\theta_1)`, the
 strength at which the penalty of weights that moved as far as one unregularised task moves them equals the task
 loss at initialisation :math:`\\ell_0` (:math:`\\ln 10` for ten balanced classes). Grids are then
