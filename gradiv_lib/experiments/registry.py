@@ -66,14 +66,10 @@ SHIPPED: tuple[Shipped, ...] = (
             minutes=2),
     Shipped("ch07/sweep_quick", "gradiv federated --sweep", "gradiv_lib/experiments/federated_runs.py", cheap=True,
             minutes=0.3),
-    # chapter 8: the continual-learning runs of the book (minutes) and one quick mode
-    Shipped("ch08/random_labels", "gradiv plasticity random_labels --book", "gradiv_lib/experiments/continual.py",
-            minutes=7),
-    Shipped("ch08/permuted", "gradiv plasticity permuted --book", "gradiv_lib/experiments/continual.py", minutes=2.5),
-    Shipped("ch08/sensitivity", "gradiv plasticity sensitivity --book", "gradiv_lib/experiments/continual.py",
-            minutes=9),
-    Shipped("ch08/random_labels_quick", "gradiv plasticity random_labels", "gradiv_lib/experiments/continual.py",
-            cheap=True, minutes=0.5),
+    # chapter 8: the tuned comparison and sensitivity on MNIST-1D (sections 8.2, 8.3; minutes) and its quick mode
+    Shipped("ch08/mnist1d", "gradiv plasticity mnist1d --book", "gradiv_lib/experiments/continual.py", minutes=25),
+    Shipped("ch08/mnist1d_quick", "gradiv plasticity mnist1d", "gradiv_lib/experiments/continual.py", cheap=True,
+            minutes=0.3),
     # chapter 7.4: the simulator against a real Flower deployment (a SuperLink and three SuperNodes on 127.0.0.1)
     Shipped("federated/flower_check",
             "gradiv federated --flower --servers fedaware --clients 3 --per-round 2 --rounds 3 --seeds 1",
