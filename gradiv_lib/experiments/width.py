@@ -16,7 +16,7 @@ networks of equal size (:func:`gradiv_lib.models.fixed_budget_family`):
 Presets (:data:`PRESETS`): ``synthetic`` (the default, seconds on a CPU) is the deep *linear* teacher
 problem of the book's chapter 3; ``digits`` the same sweep for ReLU MLPs on scikit-learn's digits
 (a few minutes on a CPU); ``mnist1d`` ReLU MLPs on MNIST-1D (generated offline by the ``mnist1d``
-package), with learning-rate grids that scale as :math:`\sqrt{B}` and, for every depth and seed,
+package), with learning-rate grids that scale as :math:`\\sqrt{B}` and, for every depth and seed,
 :math:`B_S` measured along a training run (:func:`diversity_along_training`); ``cifar10``
 (``--full``, a GPU) ReLU MLPs on CIFAR-10 trained to a training-accuracy target.
 From the command line: ``gradiv width [--dataset digits|mnist1d] [--book]``.
@@ -127,7 +127,7 @@ def learning_rates(config: dict[str, Any], batch_size: int) -> list[float]:
     """The learning-rate grid of a preset at ``batch_size``.
 
     Without ``lr_scaling`` (or with ``None``) the grid is ``config["lrs"]`` at every batch size. With
-    ``"sqrt"`` or ``"linear"`` it is ``lrs`` multiplied by :math:`\sqrt{B/B_0}` or :math:`B/B_0`, with
+    ``"sqrt"`` or ``"linear"`` it is ``lrs`` multiplied by :math:`\\sqrt{B/B_0}` or :math:`B/B_0`, with
     :math:`B_0` = ``config["lr_reference_batch"]``: one rule for every member of the family.
     """
     rule = config.get("lr_scaling")
@@ -148,8 +148,8 @@ def check_schedule(max_steps: int, check_every: int = 1, check_ratio: float | No
     """The steps at which :func:`steps_to_target` checks its target.
 
     Every ``check_every`` steps; with ``check_ratio`` = r > 1 instead geometrically: after a check at step
-    s the next is at :math:`\max(s + \text{check\_every}, \lceil r s\rceil)`, so a count is known to a
-    relative resolution of r − 1 at a cost of about :math:`\log(\text{max\_steps})/\log r` checks.
+    s the next is at :math:`\\max(s + \\text{check\\_every}, \\lceil r s\\rceil)`, so a count is known to a
+    relative resolution of r − 1 at a cost of about :math:`\\log(\\text{max\\_steps})/\\log r` checks.
     The last check is at ``max_steps`` when the schedule would skip it.
     """
     for value, name in ((max_steps, "max_steps"), (check_every, "check_every")):
@@ -270,7 +270,7 @@ def diversity_along_training(model: nn.Module, data: gdata.InMemoryData, batch_s
                              levels: Sequence[float], *, loss_fn: Callable[[Tensor, Tensor], Tensor],
                              max_steps: int = 8000, check_every: int = 1, check_ratio: float | None = 1.05,
                              seed: int = 0, max_samples: int | None = 4096) -> list[dict[str, float]]:
-    """:math:`B_S = n\Delta` along one plain-SGD run, when the training accuracy first reaches each level.
+    """:math:`B_S = n\\Delta` along one plain-SGD run, when the training accuracy first reaches each level.
 
     Trains a copy of ``model`` (``model`` is not changed) with plain SGD at ``batch_size`` and ``lr``, indices
     drawn uniformly with replacement from a generator seeded with ``seed`` (the same stream as
