@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # first reaches each of ``diversity_levels``.
     "mnist1d": dict(
         dataset="mnist1d", kind="mlp", num_samples=5000, in_features=40, out_features=10, budget=25000,
-        depths=[2, 3, 4, 6], batch_sizes=[16, 64, 256, 1024], lrs=[0.1, 0.2, 0.4, 0.8, 1.6, 3.2],
+        depths=[2, 3, 4, 6], batch_sizes=[16, 64, 256, 1024], lrs=[0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2],
         lr_scaling="sqrt", lr_reference_batch=64,
         target="accuracy", target_value=0.6, max_steps=8000, check_every=1, check_ratio=1.05, seeds=[0, 1, 2],
         bound_seeds=list(range(10)), activation="relu",
