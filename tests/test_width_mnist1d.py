@@ -137,3 +137,21 @@ def test_summary_reports_b_s_at_levels_every_seed_reached():
                               "1": [{"level": 0.0, "bound": 7.0}, {"level": 0.3, "bound": 30.0}]}}}
     summary = width.summarize(result)["2"]
     assert summary["median_bound_at_accuracy"] == {"0.3": 20.0}                # 0.5 was reached by one seed only
+
+
+def test_cli_runs_the_mnist1d_sweep_in_quick_mode(tmp_path, capsys):
+    from gradiv_lib import cli, results
+
+    rc = cli.main(["width", "--dataset", "mnist1d", "--out", str(tmp_path), "--no-progress", "--depths", "2",
+                   "--batch-sizes", "64", "256", "--max-steps", "300"])
+    assert rc == 0 and "width on mnist1d (quick mode)" in capsys.readouterr().out
+    payload = results.load("ch03/width_mnist1d_quick", root=tmp_path)
+    data = payload["data"]
+    assert payload["config"]["dataset"] == "mnist1d" and data["widths"] == [490]
+    assert data["lrs_by_batch"][1] == pytest.approx([2 * lr for lr in width.PRESETS["mnist1d"]["lrs"]])
+    steps = data["steps"]["2"]["0"]
+    assert all(s <= 300 for s in steps) and steps[0] > steps[1]
+    rows = data["along"]["2"]["0"]
+    assert [r["level"] for r in rows] == [0.0, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert rows[-1]["step"] <= 300 and set(data["summary"]["2"]["median_bound_at_accuracy"]) == {"0.2", "0.3", "0.4",
+                                                                                                  "0.5", "0.6"}
