@@ -30,6 +30,7 @@ the library; 'gradiv regenerate' remakes those from a clean checkout.
 Examples:
   gradiv divebatch                       DiveBatch vs SGD on digits (seconds)
   gradiv width --dataset digits --book   the ReLU width sweep shipped with chapter 3 (minutes)
+  gradiv width --dataset mnist1d --book  the MNIST-1D width sweep shipped with chapter 3 (minutes)
   gradiv plasticity random_labels        a quick continual-learning run (seconds)
   gradiv workers --nproc 4 --steps 60    four torch.distributed processes on this machine
   gradiv regenerate --cheap --check      rerun the cheap shipped results and compare
@@ -131,13 +132,14 @@ def _add_width(sub: Any) -> None:
         formatter_class=_Formatter,
         description="Gradient diversity at initialisation and the large-batch knee (steps to a target vs batch\n"
                     "size) across networks of equal size and different depths (chapter 3).\n\n"
-                    "Datasets: synthetic (deep linear networks on a linear teacher) or digits (ReLU MLPs).\n"
+                    "Datasets: synthetic (deep linear networks on a linear teacher), digits or mnist1d (ReLU\n"
+                    "MLPs; MNIST-1D is generated offline).\n"
                     "Default (quick, under a minute): one seed, depths 2 and 6, three batch sizes; the result is\n"
                     "named width_<dataset>_quick.\n"
                     "--book: the book's sweep (depths 2, 3, 4, 6, six batch sizes, several seeds; minutes).\n"
                     "--full --dataset cifar10 --root DIR: ReLU MLPs on CIFAR-10 (a GPU).")
-    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits", "cifar10"],
-                   help="synthetic (deep linear), digits (ReLU MLPs) or, with --full, cifar10")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits", "mnist1d", "cifar10"],
+                   help="synthetic (deep linear), digits or mnist1d (ReLU MLPs) or, with --full, cifar10")
     p.add_argument("--book", action="store_true", help="the book's settings (minutes on a CPU)")
     p.add_argument("--full", action="store_true", help="the CIFAR-10 protocol (needs --root; meant for a GPU)")
     p.add_argument("--root", metavar="DIR", help="folder holding cifar-10-batches-py (with --full)")

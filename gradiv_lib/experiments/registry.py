@@ -57,6 +57,9 @@ SHIPPED: tuple[Shipped, ...] = (
             minutes=5),
     Shipped("ch03/width_digits_quick", "gradiv width --dataset digits", "gradiv_lib/experiments/width.py",
             cheap=True, minutes=0.5),
+    # chapter 3: ReLU MLPs on MNIST-1D (harder than digits): knee, B_S at init and along training (about 10 minutes)
+    Shipped("ch03/width_mnist1d", "gradiv width --dataset mnist1d --book", "gradiv_lib/experiments/width.py",
+            minutes=10),
     # chapter 4: the digits comparison is its own quick mode
     Shipped("ch04/divebatch_digits", "gradiv divebatch", "gradiv_lib/experiments/divebatch.py", cheap=True,
             ignore=("train_loss", "test_loss"), minutes=0.2),   # late losses of large-batch SGD drift most; unplotted

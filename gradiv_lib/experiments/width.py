@@ -15,9 +15,11 @@ networks of equal size (:func:`gradiv_lib.models.fixed_budget_family`):
 
 Presets (:data:`PRESETS`): ``synthetic`` (the default, seconds on a CPU) is the deep *linear* teacher
 problem of the book's chapter 3; ``digits`` the same sweep for ReLU MLPs on scikit-learn's digits
-(a few minutes on a CPU); ``cifar10`` (``--full``, a GPU) ReLU MLPs on CIFAR-10 trained to a
-training-accuracy target.
-From the command line: ``gradiv width [--dataset digits] [--book]``.
+(a few minutes on a CPU); ``mnist1d`` ReLU MLPs on MNIST-1D (generated offline by the ``mnist1d``
+package), with learning-rate grids that scale as :math:`\\sqrt{B}` and, for every depth and seed,
+:math:`B_S` measured along a training run (:func:`diversity_along_training`); ``cifar10``
+(``--full``, a GPU) ReLU MLPs on CIFAR-10 trained to a training-accuracy target.
+From the command line: ``gradiv width [--dataset digits|mnist1d] [--book]``.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from .. import data as gdata
 from .. import models, results, scaling
 from ..diversity import gradient_diversity
 
-__all__ = ["PRESETS", "batch_size_bounds", "build_family", "half_squared_error", "load_problem", "run", "steps_to_target",
-           "summarize", "sweep"]
+__all__ = ["PRESETS", "batch_size_bounds", "build_family", "check_schedule", "diversity_along_training", "half_squared_error",
+           "learning_rates", "load_problem", "run", "steps_to_target", "summarize", "sweep"]
 
 
 def half_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -61,6 +63,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         target="accuracy", target_value=0.95, max_steps=4000, check_every=1, seeds=[0, 1, 2],
         bound_seeds=list(range(10)), activation="relu",
     ),
+    # MNIST-1D (4000 training sequences of length 40, 10 classes): ReLU MLPs of about 25 000 parameters trained to
+    # 60 % training accuracy. ``lrs`` is the grid at ``lr_reference_batch``; at batch size B every rate is multiplied
+    # by sqrt(B / lr_reference_batch) (``lr_scaling``), the same rule for every depth. The target is checked on the
+    # full training set at geometrically spaced steps (``check_ratio``: a resolution of 5 %). For every depth and
+    # seed, one more run at ``diversity_batch`` (with that run's best rate) records B_S when the training accuracy
+    # first reaches each of ``diversity_levels``.
+    "mnist1d": dict(
+        dataset="mnist1d", kind="mlp", num_samples=5000, in_features=40, out_features=10, budget=25000,
+        depths=[2, 3, 4, 6], batch_sizes=[16, 64, 256, 1024], lrs=[0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2],
+        lr_scaling="sqrt", lr_reference_batch=64,
+        target="accuracy", target_value=0.6, max_steps=8000, check_every=1, check_ratio=1.05, seeds=[0, 1, 2],
+        bound_seeds=list(range(10)), activation="relu",
+        diversity_batch=64, diversity_levels=[0.2, 0.3, 0.4, 0.5, 0.6],
+    ),
     "cifar10": dict(
         dataset="cifar10", kind="mlp", in_features=3072, out_features=10, budget=1_600_000,
         depths=[2, 3, 4, 6, 8], batch_sizes=[16, 64, 256, 1024, 4096], lrs=[0.003, 0.01, 0.03, 0.1, 0.3],
@@ -72,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def load_problem(config: dict[str, Any], seed: int = 0, root: str | Path | None = None,
                  device: torch.device | str = "cpu") -> tuple[gdata.InMemoryData, Callable[[Tensor, Tensor], Tensor]]:
-    """The training set and loss of a preset: a linear teacher, digits or CIFAR-10 (flattened)."""
+    """The training set and loss of a preset: a linear teacher, digits, MNIST-1D or CIFAR-10 (flattened)."""
     dataset = config["dataset"]
     if dataset == "synthetic":
         data = gdata.synthetic_regression(config["n"], config["in_features"], outputs=config["out_features"], seed=seed,
@@ -81,12 +97,15 @@ def load_problem(config: dict[str, Any], seed: int = 0, root: str | Path | None 
     if dataset == "digits":
         train, _ = gdata.load_digits(seed=0, device=device)
         return train, nn.CrossEntropyLoss()
+    if dataset == "mnist1d":
+        train, _ = gdata.load_mnist1d(config.get("num_samples", 5000), channels=False, device=device)
+        return train, nn.CrossEntropyLoss()
     if dataset == "cifar10":
         if root is None:
             raise ValueError("dataset 'cifar10' needs root=... (the folder holding cifar-10-batches-py)")
         train = gdata.load_cifar10(root, train=True, device=device)
         return gdata.InMemoryData(train.x.reshape(len(train), -1), train.y, train.info), nn.CrossEntropyLoss()
-    raise ValueError(f"dataset must be one of 'synthetic', 'digits', 'cifar10'; got {dataset!r}")
+    raise ValueError(f"dataset must be one of 'synthetic', 'digits', 'mnist1d', 'cifar10'; got {dataset!r}")
 
 
 def build_family(config: dict[str, Any], seed: int, device: torch.device | str = "cpu") -> list[models.FamilyMember]:
@@ -104,9 +123,55 @@ def batch_size_bounds(family: Sequence[models.FamilyMember], data: gdata.InMemor
     return [gradient_diversity(member.model, loss_fn, x, y).batch_size_bound for member in family]
 
 
+def learning_rates(config: dict[str, Any], batch_size: int) -> list[float]:
+    """The learning-rate grid of a preset at ``batch_size``.
+
+    Without ``lr_scaling`` (or with ``None``) the grid is ``config["lrs"]`` at every batch size. With
+    ``"sqrt"`` or ``"linear"`` it is ``lrs`` multiplied by :math:`\\sqrt{B/B_0}` or :math:`B/B_0`, with
+    :math:`B_0` = ``config["lr_reference_batch"]``: one rule for every member of the family.
+    """
+    rule = config.get("lr_scaling")
+    lrs = [float(lr) for lr in config["lrs"]]
+    if rule is None:
+        return lrs
+    if rule not in ("sqrt", "linear"):
+        raise ValueError(f"lr_scaling must be None, 'sqrt' or 'linear', got {rule!r}")
+    reference = config.get("lr_reference_batch")
+    if isinstance(reference, bool) or not isinstance(reference, int) or reference < 1:
+        raise ValueError(f"lr_scaling={rule!r} needs lr_reference_batch, an integer >= 1; got {reference!r}")
+    ratio = batch_size / reference
+    factor = math.sqrt(ratio) if rule == "sqrt" else ratio
+    return [lr * factor for lr in lrs]
+
+
+def check_schedule(max_steps: int, check_every: int = 1, check_ratio: float | None = None) -> list[int]:
+    """The steps at which :func:`steps_to_target` checks its target.
+
+    Every ``check_every`` steps; with ``check_ratio`` = r > 1 instead geometrically: after a check at step
+    s the next is at :math:`\\max(s + \\text{check\\_every}, \\lceil r s\\rceil)`, so a count is known to a
+    relative resolution of r − 1 at a cost of about :math:`\\log(\\text{max\\_steps})/\\log r` checks.
+    The last check is at ``max_steps`` when the schedule would skip it.
+    """
+    for value, name in ((max_steps, "max_steps"), (check_every, "check_every")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if check_ratio is None:
+        return list(range(check_every, max_steps + 1, check_every))
+    if isinstance(check_ratio, bool) or not isinstance(check_ratio, (int, float)) or not (
+            math.isfinite(check_ratio) and check_ratio > 1):
+        raise ValueError(f"check_ratio must be a finite number > 1 (or None), got {check_ratio!r}")
+    steps, s = [], check_every
+    while s <= max_steps:
+        steps.append(s)
+        s = max(s + check_every, math.ceil(s * check_ratio - 1e-9))
+    if steps[-1] != max_steps:
+        steps.append(max_steps)
+    return steps
+
+
 def steps_to_target(model: nn.Module, data: gdata.InMemoryData, batch_size: int, lrs: Sequence[float], *,
                     loss_fn: Callable[[Tensor, Tensor], Tensor], target: str = "loss_fraction", target_value: float = 0.05,
-                    max_steps: int = 3000, check_every: int = 1, seed: int = 0,
+                    max_steps: int = 3000, check_every: int = 1, check_ratio: float | None = None, seed: int = 0,
                     eval_batch_size: int = 8192) -> tuple[int, float]:
     """Fewest plain-SGD steps from ``model``'s weights to a target, best of the learning rates ``lrs``.
 
@@ -122,6 +187,10 @@ def steps_to_target(model: nn.Module, data: gdata.InMemoryData, batch_size: int,
         ``"accuracy"`` (training accuracy ≥ ``target_value``), on the full training set.
     check_every : int
         Steps between checks; the count is then a multiple of it.
+    check_ratio : float, optional
+        Check at geometrically spaced steps instead (:func:`check_schedule`): a count is then the first
+        checked step at which the target holds, within a factor ``check_ratio`` of the first step at
+        which it held.
 
     Returns
     -------
@@ -141,9 +210,7 @@ def steps_to_target(model: nn.Module, data: gdata.InMemoryData, batch_size: int,
         raise ValueError("target='accuracy' needs integer class labels and target_value in (0, 1]")
     if target == "loss_fraction" and not 0 < target_value < 1:
         raise ValueError(f"target_value must be in (0, 1) for target='loss_fraction', got {target_value}")
-    for value, name in ((max_steps, "max_steps"), (check_every, "check_every")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    checks = set(check_schedule(max_steps, check_every, check_ratio))
     runs = lr.numel()
     buffers = dict(model.named_buffers())
     stacked = {k: v.detach().unsqueeze(0).repeat(runs, *([1] * v.dim())).clone()
@@ -184,7 +251,7 @@ def steps_to_target(model: nn.Module, data: gdata.InMemoryData, batch_size: int,
             grads = step_grads(stacked, data.x[index], data.y[index])
             for key, value in stacked.items():
                 stacked[key] = value - lr.view(-1, *([1] * (value.dim() - 1))) * grads[key]
-            if step % check_every:
+            if step not in checks:
                 continue
             loss, accuracy = metric(stacked)
             reached = (accuracy >= target_value) if target == "accuracy" else (loss <= goal)
@@ -199,6 +266,74 @@ def steps_to_target(model: nn.Module, data: gdata.InMemoryData, batch_size: int,
     return max_steps + 1, math.nan
 
 
+def diversity_along_training(model: nn.Module, data: gdata.InMemoryData, batch_size: int, lr: float,
+                             levels: Sequence[float], *, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                             max_steps: int = 8000, check_every: int = 1, check_ratio: float | None = 1.05,
+                             seed: int = 0, max_samples: int | None = 4096) -> list[dict[str, float]]:
+    """:math:`B_S = n\\Delta` along one plain-SGD run, when the training accuracy first reaches each level.
+
+    Trains a copy of ``model`` (``model`` is not changed) with plain SGD at ``batch_size`` and ``lr``, indices
+    drawn uniformly with replacement from a generator seeded with ``seed`` (the same stream as
+    :func:`steps_to_target` with that seed). At the steps of :func:`check_schedule` it measures the training
+    accuracy on the full training set; the first time it is at least a level of ``levels``, it records
+    :math:`B_S` on (the first ``max_samples`` of) the training set. A level that is never reached within
+    ``max_steps`` is left out.
+
+    Returns
+    -------
+    list of dict
+        One row per reached level, in increasing order: ``level``, ``step``, ``accuracy``, ``loss`` and
+        ``bound`` (:math:`B_S`); a first row with ``level`` = 0 is the initialisation.
+    """
+    import copy
+
+    n = len(data)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, N] = [1, {n}], got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    levels = sorted(float(v) for v in levels)
+    if not levels or not all(0 < v <= 1 for v in levels):
+        raise ValueError(f"levels must be a non-empty list of accuracies in (0, 1], got {levels}")
+    if data.y.dtype.is_floating_point:
+        raise ValueError("diversity_along_training needs integer class labels (it tracks the training accuracy)")
+    checks = set(check_schedule(max_steps, check_every, check_ratio))
+    net = copy.deepcopy(model)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    x_div, y_div = (data.x, data.y) if max_samples is None else (data.x[:max_samples], data.y[:max_samples])
+
+    def evaluate() -> tuple[float, float]:
+        with torch.no_grad():
+            out = net(data.x)
+            return float(loss_fn(out, data.y)), float((out.argmax(-1) == data.y).double().mean())
+
+    def row(level: float, step: int, loss: float, accuracy: float) -> dict[str, float]:
+        bound = gradient_diversity(net, loss_fn, x_div, y_div).batch_size_bound
+        return {"level": level, "step": step, "accuracy": accuracy, "loss": loss, "bound": float(bound)}
+
+    loss, accuracy = evaluate()
+    rows = [row(0.0, 0, loss, accuracy)]
+    pending = list(levels)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(1, max_steps + 1):
+        index = torch.randint(n, (batch_size,), generator=generator).to(data.device)
+        grads = torch.autograd.grad(loss_fn(net(data.x[index]), data.y[index]), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(lr * g)
+        if step not in checks:
+            continue
+        loss, accuracy = evaluate()
+        if not math.isfinite(loss):
+            break
+        while pending and accuracy >= pending[0]:
+            rows.append(row(pending.pop(0), step, loss, accuracy))
+        if not pending:
+            break
+    return rows
+
+
 def sweep(config: dict[str, Any], *, seeds: Sequence[int] | None = None, bound_seeds: Sequence[int] | None = None,
           root: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = False,
           checkpoint_path: str | Path | None = None) -> dict[str, Any]:
@@ -207,7 +342,11 @@ def sweep(config: dict[str, Any], *, seeds: Sequence[int] | None = None, bound_s
     Returns a JSON-ready dictionary: ``depths``, ``widths``, ``n_params``, ``batch_sizes``,
     ``bounds[depth][seed]`` (B_S at init, over ``bound_seeds``), ``steps[depth][seed]`` (one count per
     batch size, ``max_steps + 1`` when not reached), ``best_lr[depth][seed]`` and ``fits[depth][seed]``
-    (``s_min``, ``b_noise``) for runs that reached the target at every batch size.
+    (``s_min``, ``b_noise``) for runs that reached the target at every batch size. The learning rates tried
+    at each batch size are :func:`learning_rates` (``lrs_by_batch``, one list per batch size). With
+    ``diversity_batch`` in the configuration, also ``along[depth][seed]``: the rows of
+    :func:`diversity_along_training` at that batch size with the best rate found there (``diversity_batch``
+    must be one of ``batch_sizes``).
 
     With ``checkpoint_path`` the partial result is written (atomically, as JSON) after every
     (seed, depth) and a rerun with the same ``config`` skips what is already there.
@@ -218,6 +357,13 @@ def sweep(config: dict[str, Any], *, seeds: Sequence[int] | None = None, bound_s
     bound_seeds = list(config["bound_seeds"] if bound_seeds is None else bound_seeds)
     out: dict[str, Any] = {"depths": list(config["depths"]), "batch_sizes": list(config["batch_sizes"]),
                            "bounds": {}, "steps": {}, "best_lr": {}, "fits": {}}
+    along_batch = config.get("diversity_batch")
+    if along_batch is not None and along_batch not in config["batch_sizes"]:
+        raise ValueError(f"diversity_batch must be one of batch_sizes {list(config['batch_sizes'])}, got {along_batch!r}")
+    if "lr_scaling" in config:
+        out["lrs_by_batch"] = [learning_rates(config, b) for b in config["batch_sizes"]]
+    if along_batch is not None:
+        out["along"] = {}
     ckpt = None if checkpoint_path is None else Path(checkpoint_path)
     if ckpt is not None and ckpt.exists():
         saved = json.loads(ckpt.read_text())
@@ -250,10 +396,10 @@ def sweep(config: dict[str, Any], *, seeds: Sequence[int] | None = None, bound_s
             model = member.model
             counts, best = [], []
             for b in config["batch_sizes"]:
-                steps, lr = steps_to_target(model, data, min(b, len(data)), config["lrs"], loss_fn=loss_fn,
+                steps, lr = steps_to_target(model, data, min(b, len(data)), learning_rates(config, b), loss_fn=loss_fn,
                                             target=config["target"], target_value=config["target_value"],
                                             max_steps=config["max_steps"], check_every=config["check_every"],
-                                            seed=1000 + seed)
+                                            check_ratio=config.get("check_ratio"), seed=1000 + seed)
                 counts.append(steps)
                 best.append(lr)
                 bar.update(1)
@@ -264,6 +410,12 @@ def sweep(config: dict[str, Any], *, seeds: Sequence[int] | None = None, bound_s
                 fit = scaling.fit_critical_batch(config["batch_sizes"], counts)
                 out["fits"].setdefault(d, {})[s] = {"s_min": fit.s_min, "b_noise": fit.b_noise,
                                                     "rms_log_error": fit.rms_log_error}
+            if along_batch is not None:
+                lr_along = best[config["batch_sizes"].index(along_batch)]
+                out["along"].setdefault(d, {})[s] = [] if math.isnan(lr_along) else diversity_along_training(
+                    model, data, min(along_batch, len(data)), lr_along, config["diversity_levels"], loss_fn=loss_fn,
+                    max_steps=config["max_steps"], check_every=config["check_every"],
+                    check_ratio=config.get("check_ratio"), seed=1000 + seed)
             if ckpt is not None:
                 _write_json_atomic(ckpt, {"config": config, "result": out})
     bar.close()
@@ -285,6 +437,12 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, float]]:
         fits = [f["b_noise"] for f in result["fits"].get(depth, {}).values()]
         summary[depth] = {"median_bound": float(np.median(bounds)) if bounds else math.nan,
                           "median_b_noise": float(np.median(fits)) if fits else math.nan}
+        if "along" in result:                       # median B_S at each accuracy level reached by every seed
+            runs = list(result["along"].get(depth, {}).values())
+            levels = sorted({r["level"] for rows in runs for r in rows if r["level"] > 0})
+            summary[depth]["median_bound_at_accuracy"] = {
+                f"{level:g}": float(np.median([next(r["bound"] for r in rows if r["level"] == level) for rows in runs]))
+                for level in levels if runs and all(any(r["level"] == level for r in rows) for rows in runs)}
     return summary
 
 
@@ -297,7 +455,7 @@ def run(dataset: str = "synthetic", *, full: bool = False, root: str | Path | No
     Parameters
     ----------
     dataset : str
-        ``"synthetic"`` (deep linear, seconds), ``"digits"`` (ReLU MLPs, minutes on a CPU) or
+        ``"synthetic"`` (deep linear, seconds), ``"digits"`` or ``"mnist1d"`` (ReLU MLPs, minutes on a CPU) or
         ``"cifar10"`` (ReLU MLPs, needs ``full=True``, ``root`` and preferably a GPU).
     full : bool
         The large protocol; required for ``cifar10``.
