@@ -87,6 +87,11 @@ def run_fastest(key: Hashable, candidates: dict[str, Callable[[], Tensor]], devi
     return results[winner]
 
 
+def winner_of(key: Hashable) -> str | None:
+    """The candidate :func:`run_fastest` chose for ``key`` (``None`` before it has chosen)."""
+    return _winners.get(key)
+
+
 def within_factor(costs: dict[str, float], factor: float = 4.0) -> set[str]:
     """Names whose modelled cost is at most ``factor`` times the cheapest (the ones worth timing)."""
     cheapest = min(costs.values())
