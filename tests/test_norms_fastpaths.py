@@ -176,3 +176,28 @@ def test_accumulator_finite_check_survives_an_overflowing_l1_norm() -> None:
 def test_sum_of_sq_norms_refuses_bad_entries(values: list[float]) -> None:
     with pytest.raises(ValueError, match="sq_norms must be finite and >= 0"):
         EpochDiversityAccumulator().update(torch.tensor(values), torch.ones(2), 2)
+
+
+def test_race_at_one_thread_counts_this_threads_cpu_time_not_waiting(one_thread) -> None:
+    """On one CPU thread the autotuner times with thread CPU time: a candidate that only waits (as if
+    other jobs held the core) does not lose to one that computes longer. A wall clock would pick 'busy'."""
+    import time
+
+    from gradiv_lib.norms import fastest
+
+    key = ("fastpaths", "clock")
+    fastest._winners.pop(key, None)
+    value = torch.ones(2)
+
+    def waits() -> Tensor:
+        time.sleep(0.02)
+        return value
+
+    def busy() -> Tensor:
+        sum(range(200000))
+        return value.clone()
+
+    assert torch.get_num_threads() == 1
+    fastest.run_fastest(key, {"busy": busy, "waits": waits}, torch.device("cpu"))
+    assert fastest.winner_of(key) == "waits"
+    fastest._winners.pop(key, None)
