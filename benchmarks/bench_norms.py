@@ -556,7 +556,7 @@ def run_train(mode: str, threads: int) -> list[dict[str, object]]:
             step()
         for name in seconds:
             seconds[name].clear()
-        rounds = max(5, min(40, int((6.0 if mode == "full" else 0.6) / max(sum(_time_once(s) for s in steps.values()), 1e-6))))
+        rounds = max(5, min(60, int((10.0 if mode == "full" else 0.6) / max(sum(_time_once(s) for s in steps.values()), 1e-6))))
         for name in seconds:
             seconds[name].clear()
         times, cpu_times = time_interleaved(steps, rounds, rounds)

@@ -201,3 +201,18 @@ def test_race_at_one_thread_counts_this_threads_cpu_time_not_waiting(one_thread)
     fastest.run_fastest(key, {"busy": busy, "waits": waits}, torch.device("cpu"))
     assert fastest.winner_of(key) == "waits"
     fastest._winners.pop(key, None)
+
+
+def test_later_calls_give_the_first_calls_numbers_bit_for_bit_in_float32() -> None:
+    """The fast paths keep each layer's arithmetic and the order of the sum over layers, so a checked
+    first call and an unchecked later call agree exactly (float32, conv + linear layers interleaved)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Unflatten(1, (2, 4)), nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(12, 4, bias=False))
+    x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    meter = DiversityMeter(model)
+    first, _, first_sum = metered(meter, model, x, y)
+    first = first.clone()
+    for _ in range(2):
+        later, _, later_sum = metered(meter, model, x, y)
+        assert torch.equal(later, first) and later_sum == first_sum
+    assert len(meter._engine._factor_parts) == 2

@@ -250,7 +250,7 @@ class PerSampleNormEngine:
     def reset(self) -> None:
         """Forget everything recorded, to measure another forward/backward pass."""
         self._batch_size = self._expected_batch_size
-        self._sq_norm_parts: list[Tensor] = []
+        self._sq_norm_parts: list[Tensor | int] = []  # an int: row of _factor_parts
         self._factor_parts: list[tuple[Tensor, Tensor, float]] = []
         self._sq_norms_cache: tuple[tuple[int, int, int], Tensor] | None = None
         self._per_sample_grads: dict[int, Tensor] = {}
@@ -527,6 +527,7 @@ class PerSampleNormEngine:
             else:
                 factors = rule.sq_norm_factors(module, saved, grad_output) if rule.sq_norm_factors is not None and not self._verify else None
                 if factors is not None:  # combined with the other layers' factors in sq_norms()
+                    self._sq_norm_parts.append(len(self._factor_parts))  # its place in the sum order
                     self._factor_parts.append(factors)
                 else:
                     sq_norms = rule.sq_norms(module, saved, grad_output, self._strategy)
@@ -682,8 +683,10 @@ class PerSampleNormEngine:
         seen = (len(self._sq_norm_parts), len(self._factor_parts), len(self._per_sample_grads))
         if self._sq_norms_cache is not None and self._sq_norms_cache[0] == seen:
             return self._sq_norms_cache[1]  # read twice per step (sq_norms and result)
-        parts = self._sq_norm_parts + [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
-        parts += self._combined_factor_parts()
+        rows = self._combined_factor_rows()
+        # every layer in the order its hook ran, as on a first (checked) call: the same float sum
+        parts = [rows[part] if isinstance(part, int) else part for part in self._sq_norm_parts]
+        parts += [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
         if len(parts) == 1:
             total = parts[0]
         elif all(part.dtype == parts[0].dtype for part in parts):
@@ -695,15 +698,15 @@ class PerSampleNormEngine:
         self._sq_norms_cache = seen, total
         return total
 
-    def _combined_factor_parts(self) -> list[Tensor]:
-        """Σ_layers (u_l² + c_l) v_l² for the layers whose rule gave factors (``LayerRule.sq_norm_factors``),
-        in a handful of operations for all of them together instead of four per layer."""
+    def _combined_factor_rows(self) -> list[Tensor]:
+        """(u_l² + c_l) v_l² for the layers whose rule gave factors (``LayerRule.sq_norm_factors``), one
+        row per layer, in a handful of operations for all of them together instead of four per layer."""
         factors = self._factor_parts
         if not factors:
             return []
         first = factors[0][0]
         if len(factors) == 1 or any(u.dtype != first.dtype or u.device != first.device or u.shape != first.shape for u, _, _ in factors):
-            return [(u.square() + c) * v.square() for u, v, c in factors]
+            return [u.square().add_(c).mul_(v.square()) for u, v, c in factors]
         u = torch.stack([f[0] for f in factors]).square_()
         constants = tuple(f[2] for f in factors)
         if any(constants):
@@ -712,7 +715,7 @@ class PerSampleNormEngine:
             if column is None:
                 column = self._constant_columns[key] = torch.tensor(constants, dtype=u.dtype, device=u.device).unsqueeze(1)
             u.add_(column)
-        return [u.mul_(torch.stack([f[1] for f in factors]).square_()).sum(0)]
+        return list(u.mul_(torch.stack([f[1] for f in factors]).square_()).unbind(0))
 
     def grad_sum_sq_norm(self) -> Tensor:
         """Squared norm of the gradient this backward pass produced (a 0-d float64 tensor)."""
