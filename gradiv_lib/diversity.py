@@ -177,9 +177,12 @@ def _sum_of_sq_norms(sq_norms: Tensor) -> float:
     if not isinstance(sq_norms, Tensor) or sq_norms.dim() != 1 or sq_norms.numel() == 0:
         shape = tuple(sq_norms.shape) if isinstance(sq_norms, Tensor) else type(sq_norms).__qualname__
         raise ValueError(f"sq_norms must be a non-empty 1-D tensor [n], got {shape}")
-    if not bool(torch.isfinite(sq_norms).all()) or bool((sq_norms < 0).any()):
+    # two reductions and two scalar reads: a float64 sum of finite float32/float64 entries is finite, and
+    # an inf or nan entry makes it inf or nan, so the sum tells finiteness and the minimum the sign
+    total = float(sq_norms.sum(dtype=torch.float64))
+    if not math.isfinite(total) or float(sq_norms.min()) < 0:
         raise ValueError("sq_norms must be finite and >= 0 (got inf, nan or negative entries)")
-    return float(sq_norms.double().sum())
+    return total
 
 
 def diversity_from_sq_norms(sq_norms: Tensor, sq_norm_of_sum: float | Tensor) -> DiversityResult:
@@ -237,6 +240,24 @@ def expected_minibatch_sq_norm(mean_grad_sq_norm: float, b_simple: float, batch_
     mean_sq = _finite_non_negative(mean_grad_sq_norm, "mean_grad_sq_norm")
     noise = _finite_non_negative(b_simple, "b_simple")
     return mean_sq * (1.0 + noise * finite_population_factor(batch_size, population_size))
+
+
+def _grad_list(grad: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
+    if isinstance(grad, Tensor):
+        return [grad]
+    if isinstance(grad, Sequence) and grad and all(isinstance(g, Tensor) for g in grad):
+        return list(grad)
+    raise TypeError(f"{name} must be a tensor or a non-empty sequence of tensors (e.g. [p.grad for p in params])")
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry is finite, in one fused reduction and one scalar read: an L1 norm is finite
+    unless an entry is inf or nan, or (rarely, e.g. float16) the norm overflows; then each tensor is
+    checked exactly."""
+    norms = torch._foreach_norm(tensors, 1)
+    if bool(torch.stack(norms).isfinite().all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _flat_vector(grad: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -405,6 +426,8 @@ class EpochDiversityAccumulator:
         """Start a new epoch."""
         self._sum_sq_norms = 0.0
         self._grad_sum: Tensor | None = None
+        self._layout: tuple[torch.Size, ...] | None = None
+        self._layout_views: list[Tensor] = []
         self.n = 0
 
     def update(
@@ -443,16 +466,30 @@ class EpochDiversityAccumulator:
             total = _sum_of_sq_norms(sq_norms)
         else:
             total = _finite_non_negative(sq_norms, "sq_norms")
-        vector = _flat_vector(grad, "grad").to(self.dtype)
-        if not bool(torch.isfinite(vector).all()):
+        grads = _grad_list(grad, "grad")
+        entries = sum(g.numel() for g in grads)
+        if self._grad_sum is not None and entries != self._grad_sum.numel():
+            raise ValueError(f"grad has {entries} entries, earlier batches had {self._grad_sum.numel()}")
+        if not _all_finite(grads):
             raise ValueError("grad contains inf or nan")
-        if self._grad_sum is not None and vector.shape != self._grad_sum.shape:
-            raise ValueError(f"grad has {vector.numel()} entries, earlier batches had {self._grad_sum.numel()}")
-        if grad_reduction == "mean":
-            vector = vector * size
-        self._grad_sum = vector.clone() if self._grad_sum is None else self._grad_sum.add_(vector)
+        if self._grad_sum is None:
+            self._grad_sum = torch.zeros(entries, dtype=self.dtype, device=grads[0].device)
+        # added in place, parameter by parameter, into views of one flat buffer: no concatenated copy and
+        # no float64 temporary per batch (the float32 entries are promoted inside the addition)
+        torch._foreach_add_(self._views(grads), grads, alpha=size if grad_reduction == "mean" else 1)
         self._sum_sq_norms += total * (size**2 if sq_norms_reduction == "mean" else 1)
         self.n += size
+
+    def _views(self, grads: list[Tensor]) -> list[Tensor]:
+        """Views of the flat sum buffer shaped like ``grads`` (cached for the last layout seen)."""
+        shapes = tuple(g.shape for g in grads)
+        if self._layout != shapes:
+            views, start = [], 0
+            for g in grads:
+                views.append(self._grad_sum[start : start + g.numel()].view(g.shape))
+                start += g.numel()
+            self._layout, self._layout_views = shapes, views
+        return self._layout_views
 
     @property
     def result(self) -> DiversityResult:

@@ -223,7 +223,9 @@ class PerSampleNormEngine:
         self._check: Check = check
         self._expected_batch_size = batch_size
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._constant_columns: dict[Any, Tensor] = {}
         self._paused = False
+        self._idle = False  # attached between measurements (hold()): hooks ignore everything
         self._probe_run: dict[str, list[tuple[list[Any], list[Any]]]] | None = None
         # hooks are bound once here, not in attach(): attach runs on every measured training step
         self._layer_hooks: list[tuple[nn.Module, Any, bool]] = [
@@ -248,7 +250,9 @@ class PerSampleNormEngine:
     def reset(self) -> None:
         """Forget everything recorded, to measure another forward/backward pass."""
         self._batch_size = self._expected_batch_size
-        self._sq_norm_parts: list[Tensor] = []
+        self._sq_norm_parts: list[Tensor | int] = []  # an int: row of _factor_parts
+        self._factor_parts: list[tuple[Tensor, Tensor, float]] = []
+        self._sq_norms_cache: tuple[tuple[int, int, int], Tensor] | None = None
         self._per_sample_grads: dict[int, Tensor] = {}
         self._grad_norms: list[Tensor] = []
         self._grad_counts: Counter[int] = Counter()
@@ -285,15 +289,35 @@ class PerSampleNormEngine:
 
     def __enter__(self) -> PerSampleNormEngine:
         self.reset()
+        self._idle = False
         return self.attach()
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._held:
+            self._idle = True
+        else:
+            self.detach()
+
+    _held = False
+
+    def hold(self) -> None:
+        """Keep the hooks registered between measurements until :meth:`release` (for a training loop
+        that owns the model: registering and removing a dozen hooks per step is a visible share of a
+        small step). Between ``with`` blocks the hooks ignore every forward and backward pass."""
+        self._held = True
+        self._idle = True
+        self.attach()
+
+    def release(self) -> None:
+        """End :meth:`hold`: remove the hooks (idempotent)."""
+        self._held = False
+        self._idle = False
         self.detach()
 
     # --- forward ---------------------------------------------------------------------------------
 
     def _recording(self) -> bool:
-        return not self._paused and self._probe_run is None and torch.is_grad_enabled()
+        return not self._paused and not self._idle and self._probe_run is None and torch.is_grad_enabled()
 
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._recording():
@@ -380,7 +404,7 @@ class PerSampleNormEngine:
             self._probe_record(layer, [args[0]], [output])
             return
         # output.requires_grad is False under no_grad / inference mode (evaluation passes are skipped)
-        if self._paused or not output.requires_grad:
+        if self._paused or self._idle or not output.requires_grad:
             return
         activation = args[0]
         if activation.dim() < layer.rule.batched_input_dim:
@@ -501,10 +525,15 @@ class PerSampleNormEngine:
             if self._materializes(layer):
                 self._add_per_sample_grads(layer, rule.per_sample_grads(module, saved, grad_output))
             else:
-                sq_norms = rule.sq_norms(module, saved, grad_output, self._strategy)
-                self._sq_norm_parts.append(sq_norms)
-                if self._verify:
-                    self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output), sq_norms)
+                factors = rule.sq_norm_factors(module, saved, grad_output) if rule.sq_norm_factors is not None and not self._verify else None
+                if factors is not None:  # combined with the other layers' factors in sq_norms()
+                    self._sq_norm_parts.append(len(self._factor_parts))  # its place in the sum order
+                    self._factor_parts.append(factors)
+                else:
+                    sq_norms = rule.sq_norms(module, saved, grad_output, self._strategy)
+                    self._sq_norm_parts.append(sq_norms)
+                    if self._verify:
+                        self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output), sq_norms)
         layer.covered = True
 
     def _on_fallback_output_grads(
@@ -569,10 +598,16 @@ class PerSampleNormEngine:
             self._spreads[pid] = spread if pid not in self._spreads else self._spreads[pid] + spread
 
     def _record_parameter_grad(self, pid: int, grad: Tensor) -> None:
+        if self._idle:
+            return
+        # the norm is taken here, while the gradient is hot in cache, and no reference to it is kept:
+        # holding it would stop AccumulateGrad from moving it into .grad and force a copy of every
+        # gradient (measured: +13 % of an MLP step when the norms were deferred to the end of backward)
         self._complete = False
         self._grad_counts[pid] += 1
         values = grad.coalesce().values() if grad.is_sparse else grad
-        self._grad_norms.append(torch.linalg.vector_norm(values.detach()))
+        # hooks run with grad mode off unless backward(create_graph=True); only then is detach needed
+        self._grad_norms.append(torch.linalg.vector_norm(values.detach() if torch.is_grad_enabled() else values))
         if self._verify:
             self._actual_grads[pid] = grad.detach()
 
@@ -645,17 +680,47 @@ class PerSampleNormEngine:
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""
         self._check_complete()
-        parts = self._sq_norm_parts + [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
+        seen = (len(self._sq_norm_parts), len(self._factor_parts), len(self._per_sample_grads))
+        if self._sq_norms_cache is not None and self._sq_norms_cache[0] == seen:
+            return self._sq_norms_cache[1]  # read twice per step (sq_norms and result)
+        rows = self._combined_factor_rows()
+        # every layer in the order its hook ran, as on a first (checked) call: the same float sum
+        parts = [rows[part] if isinstance(part, int) else part for part in self._sq_norm_parts]
+        parts += [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
         if len(parts) == 1:
-            return parts[0]
-        if all(part.dtype == parts[0].dtype for part in parts):
-            return torch.stack(parts).sum(0)  # one reduction for all layers
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
+            total = parts[0]
+        elif all(part.dtype == parts[0].dtype for part in parts):
+            total = torch.stack(parts).sum(0)  # one reduction for all layers
+        else:
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+        self._sq_norms_cache = seen, total
         return total
+
+    def _combined_factor_rows(self) -> list[Tensor]:
+        """(u_l² + c_l) v_l² for the layers whose rule gave factors (``LayerRule.sq_norm_factors``), one
+        row per layer, in a handful of operations for all of them together instead of four per layer."""
+        factors = self._factor_parts
+        if not factors:
+            return []
+        first = factors[0][0]
+        if len(factors) == 1 or any(u.dtype != first.dtype or u.device != first.device or u.shape != first.shape for u, _, _ in factors):
+            return [u.square().add_(c).mul_(v.square()) for u, v, c in factors]
+        u = torch.stack([f[0] for f in factors]).square_()
+        constants = tuple(f[2] for f in factors)
+        if any(constants):
+            key = (constants, u.dtype, u.device)
+            column = self._constant_columns.get(key)
+            if column is None:
+                column = self._constant_columns[key] = torch.tensor(constants, dtype=u.dtype, device=u.device).unsqueeze(1)
+            u.add_(column)
+        return list(u.mul_(torch.stack([f[1] for f in factors]).square_()).unbind(0))
 
     def grad_sum_sq_norm(self) -> Tensor:
         """Squared norm of the gradient this backward pass produced (a 0-d float64 tensor)."""
         self._check_complete()
-        return torch.linalg.vector_norm(torch.stack(self._grad_norms).double()).square()
+        norms = self._grad_norms
+        if len(norms) == 1:
+            return norms[0].double().square()
+        return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()

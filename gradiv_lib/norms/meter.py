@@ -106,6 +106,18 @@ class DiversityMeter:
             self._handle = None
         self._engine.__exit__(*exc_info)
 
+    def hold(self) -> DiversityMeter:
+        """Keep the hooks registered across ``with meter:`` blocks until :meth:`release` (a training loop
+        that owns the model calls this once per epoch instead of registering and removing the hooks on
+        every step). Outside the ``with`` blocks the hooks ignore the model's forward and backward passes.
+        Always pair with :meth:`release` (in a ``finally``)."""
+        self._engine.hold()
+        return self
+
+    def release(self) -> None:
+        """Remove the hooks kept by :meth:`hold` (idempotent)."""
+        self._engine.release()
+
     def _watch_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor) and output.dim() == 2 and output.requires_grad and torch.is_grad_enabled():
             output.register_hook(self._keep_output_grad)

@@ -31,6 +31,7 @@ more than once, because the per-sample gradient is then a sum over the uses.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradiv_lib.norms.fastest import run_fastest, within_factor
+from gradiv_lib.norms.fastest import run_fastest, winner_of, within_factor
 
 SequenceStrategy = Literal["auto", "gram", "materialize"]
 """How layers with a position axis (sequence Linear, convolution) form per-sample norms."""
@@ -77,6 +78,11 @@ class LayerRule:
         ``(module, grad_output) -> k`` for layers that act on the last axes only (Linear, Embedding,
         LayerNorm): the batch may be on any of the first ``k`` axes and is moved to axis 0 before the
         rule runs. ``None``: the batch must be on axis 0 (convolutions, GroupNorm, BatchNorm).
+    sq_norm_factors
+        Optional ``(module, saved, grad_output) -> (u, v, c)`` with ``sq_norms = (u² + c) v²``
+        (``u``, ``v`` of shape ``[B]``), or ``None`` where the layer call does not factor so. The engine
+        then combines the factors of all such layers at once (2-D Linear: ``u = ‖a_i‖``,
+        ``v = ‖δ_i‖``, ``c = 1`` with a trainable bias).
     """
 
     sq_norms: Callable[[nn.Module, Any, Tensor, SequenceStrategy], Tensor]
@@ -84,10 +90,14 @@ class LayerRule:
     batched_input_dim: int
     save: Callable[[nn.Module, Tensor, Tensor], Any] = _save_input
     leading_dims: Callable[[nn.Module, Tensor], int] | None = None
+    sq_norm_factors: Callable[[nn.Module, Any, Tensor], tuple[Tensor, Tensor, float] | None] | None = None
 
 
 def _trainable(param: Tensor | None) -> bool:
     return param is not None and param.requires_grad
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _working_precision(tensor: Tensor) -> Tensor:
@@ -162,6 +172,14 @@ def _linear_sq_norms(module: nn.Module, a: Tensor, g: Tensor, strategy: Sequence
     if _trainable(module.bias):
         total = total + g.sum(1).square().sum(1)
     return total
+
+
+def _linear_sq_norm_factors(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, float] | None:
+    """``(‖a_i‖, ‖δ_i‖, 1 or 0)`` for a 2-D input with a trainable weight (``None`` otherwise, and for
+    half precision, whose norms are upcast by :func:`_linear_sq_norms`)."""
+    if a.dim() != 2 or not _trainable(module.weight) or a.dtype in _HALF_DTYPES or g.dtype in _HALF_DTYPES:
+        return None
+    return torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(g, dim=1), 1.0 if _trainable(module.bias) else 0.0
 
 
 def _linear_per_sample_grads(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -363,14 +381,31 @@ def _conv_weight_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor) 
     return _conv_sq_norms_grouped_conv(module, x, g, False)
 
 
+_ConvPlan = tuple[Callable[..., Tensor], Callable[..., Tensor], int]
+"""(chunking helper, method, elements per sample) of one conv norm method."""
+
+_conv_plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _ConvPlan]] = weakref.WeakKeyDictionary()
+"""The chosen method per module and (shapes, dtype, device, strategy, bias): later calls skip the cost
+model, the candidate set and the autotuner's key (tens of microseconds per layer and step). Bypassed
+while ``run_fastest`` is replaced (the test harness then checks every candidate on every call)."""
+
+_RACE = run_fastest
+
+
 def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, strategy: SequenceStrategy) -> Tensor:
     """Squared norms of the per-sample gradients of weight and (when trainable) bias."""
+    bias = _conv_with_bias(module)
+    fast_key = (x.shape, g.shape, x.dtype, x.device, strategy, bias)
+    known = _conv_plans.get(module)
+    plan = known.get(fast_key) if known is not None and run_fastest is _RACE else None
+    if plan is not None:
+        chunked, method, elements = plan
+        return chunked(partial(method, module, bias=bias), x, g, elements)
     positions = math.prod(g.shape[2:])
     groups = module.groups
     in_per_group = module.in_channels // groups * math.prod(module.kernel_size)
     out_per_group = module.out_channels // groups
     unfolded = (in_per_group + 1) * groups * positions
-    bias = _conv_with_bias(module)
     costs = _method_costs(positions, in_per_group, out_per_group)
     one_d = x.dim() == 3
     if one_d:  # shifted Gram (Conv1d only): channel Gram of the padded input, k shifted windows, output Gram
@@ -379,22 +414,30 @@ def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, s
     allowed = _allowed_methods(costs, strategy)
     if strategy == "gram" and one_d:
         allowed.add("shifted_gram")
-    candidates = {}
+    plans: dict[str, _ConvPlan] = {}
     if "gram" in allowed:
-        elements = unfolded + 2 * groups * positions * positions
-        candidates["gram"] = lambda: _conv_chunked(partial(_conv_sq_norms_gram, module, bias=bias), x, g, elements)
+        plans["gram"] = (_conv_chunked, _conv_sq_norms_gram, unfolded + 2 * groups * positions * positions)
     if "shifted_gram" in allowed:
         elements = groups * (x.shape[-1] + 2 * module.kernel_size[0] * module.dilation[0]) ** 2 + 2 * groups * positions * positions
-        candidates["shifted_gram"] = lambda: _conv_chunked(partial(_conv1d_sq_norms_shifted_gram, module, bias=bias), x, g, elements)
+        plans["shifted_gram"] = (_conv_chunked, _conv1d_sq_norms_shifted_gram, elements)
     if "materialize" in allowed:
         elements = unfolded + groups * (in_per_group + 1) * out_per_group
-        candidates["im2col"] = lambda: _conv_chunked(partial(_conv_sq_norms_im2col, module, bias=bias), x, g, elements)
-        candidates["grouped_conv"] = lambda: _in_batch_chunks(partial(_conv_sq_norms_grouped_conv, module, bias=bias), x, g, elements)
+        plans["im2col"] = (_conv_chunked, _conv_sq_norms_im2col, elements)
+        plans["grouped_conv"] = (_in_batch_chunks, _conv_sq_norms_grouped_conv, elements)
+
+    def run(plan: _ConvPlan) -> Callable[[], Tensor]:
+        chunked, method, elements = plan
+        return lambda: chunked(partial(method, module, bias=bias), x, g, elements)
+
     key = (
         "conv", module.kernel_size, module.stride, module.padding, module.dilation, groups, module.padding_mode,
         bias, tuple(x.shape), tuple(g.shape), x.dtype, x.device, strategy,
     )
-    return run_fastest(key, candidates, x.device)
+    result = run_fastest(key, {name: run(plan) for name, plan in plans.items()}, x.device)
+    winner = next(iter(plans)) if len(plans) == 1 else winner_of(key)
+    if winner is not None:
+        _conv_plans.setdefault(module, {})[fast_key] = plans[winner]
+    return result
 
 
 def _conv_sq_norms(module: nn.Module, x: Tensor, g: Tensor, strategy: SequenceStrategy) -> Tensor:
@@ -589,7 +632,7 @@ def _before_normalized(module: nn.Module, g: Tensor) -> int:
 
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2, leading_dims=_all_but_last),
+    nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2, leading_dims=_all_but_last, sq_norm_factors=_linear_sq_norm_factors),
     nn.Conv1d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 3),
     nn.Conv2d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 4),
     nn.Embedding: LayerRule(_embedding_sq_norms, _embedding_per_sample_grads, 1, leading_dims=_all_but_last),

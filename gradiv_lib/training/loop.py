@@ -360,6 +360,7 @@ def train(
             if parallel is not None:
                 parallel.barrier()
 
+        meter = None
         bar = tqdm(total=epochs, initial=start_epoch, disable=not progress or finished, desc=schedule.name, unit="epoch")
         try:
             for epoch in range(start_epoch, epochs):
@@ -377,7 +378,7 @@ def train(
                 # one meter (hooks planned once) and one BatchNorm scan per epoch, not per step; rebuilt every
                 # epoch because on_epoch_end may freeze or unfreeze parameters
                 batch_norms = _train_batch_norms(model) if measure else []
-                meter = DiversityMeter(model, loss_reduction=reduction) if measure and not batch_norms else None
+                meter = DiversityMeter(model, loss_reduction=reduction).hold() if measure and not batch_norms else None
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
@@ -424,6 +425,8 @@ def train(
                         correct += (out.detach().argmax(1) == yb).sum()
                     steps += 1
                     samples += n
+                if meter is not None:
+                    meter.release()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - start
@@ -479,5 +482,7 @@ def train(
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, model, history)
         finally:
+            if meter is not None:  # hooks kept for the epoch (DiversityMeter.hold)
+                meter.release()
             bar.close()
     return history

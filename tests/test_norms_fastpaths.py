@@ -1,0 +1,219 @@
+"""The per-step fast paths of gradiv_lib.norms (issue 13, item 6) against torch.func, in float64.
+
+After the first measurement of a model has passed its checks, later measurements take cheaper paths:
+Linear layers hand over row-norm factors that the engine combines for all layers at once, convolutions
+reuse the method chosen for their shapes, a training loop keeps the hooks registered across steps
+(``DiversityMeter.hold``), and the epoch accumulator adds gradients in place. Each test compares a
+*later* measurement (where the fast path runs) with per-sample gradients from ``vmap(grad)``, and
+includes a case where a plausible wrong variant gives a different number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradiv_lib.diversity import EpochDiversityAccumulator
+from gradiv_lib.norms import DiversityMeter, rules
+
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread for the whole module (tests/conftest.py)."""
+
+
+def reference(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float]:
+    """‖∇ℓ_i‖² and ‖Σ_i ∇ℓ_i‖² for the cross-entropy of sample i alone, by vmap(grad)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1).double()
+    return flat.square().sum(1), float(flat.sum(0).square().sum())
+
+
+def metered(meter: DiversityMeter, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float, float]:
+    model.zero_grad(set_to_none=True)
+    with meter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    return meter.sq_norms, meter.result.sum_sq_norms, meter.result.sq_norm_of_sum
+
+
+def assert_close(got: Tensor, expected: Tensor) -> None:
+    scale = float(expected.abs().max())
+    assert float((got.double() - expected).abs().max()) <= TOL * scale
+
+
+def mlp(bias_first: bool = True, bias_last: bool = False) -> nn.Module:
+    return nn.Sequential(nn.Linear(7, 6, bias=bias_first), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3, bias=bias_last)).double()
+
+
+@pytest.mark.parametrize("check", ["first_call", "off"])
+def test_linear_factors_on_later_steps_match_torch_func(check: str) -> None:
+    """Mixed bias / no-bias layers: (‖a‖² + c)‖δ‖² summed over layers with c per layer. A wrong constant
+    (c = 1 for every layer, or c = 0) changes the numbers, which the first two asserts show."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(9, 7, dtype=torch.float64), torch.randint(0, 3, (9,))
+    meter = DiversityMeter(model, check=check)
+    expected, expected_sum = reference(model, x, y)
+    for _ in range(3):  # first call (checks) and two later calls (the factor path)
+        sq_norms, total, of_sum = metered(meter, model, x, y)
+        assert_close(sq_norms, expected)
+        assert total == pytest.approx(float(expected.sum()), rel=TOL)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    factors = meter._engine._factor_parts
+    assert len(factors) == 3, "the later calls should have taken the factor path for all three layers"
+    assert [c for _, _, c in factors] == [0.0, 1.0, 1.0]  # backward order: last layer (no bias) first
+    # the per-layer constant matters: c = 1 for every layer (a bias assumed everywhere) is wrong
+    wrong = sum((u.square() + 1.0) * v.square() for u, v, _ in factors)
+    assert float((wrong - expected).abs().max()) > 1e-3 * float(expected.abs().max())
+
+
+def test_frozen_weight_and_frozen_bias_take_the_right_path() -> None:
+    torch.manual_seed(1)
+    model = mlp(bias_last=True)
+    model[0].weight.requires_grad_(False)  # bias only: no factors for this layer
+    model[4].bias.requires_grad_(False)  # weight only: c = 0
+    x, y = torch.randn(6, 7, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    expected, expected_sum = reference(model, x, y)
+    for _ in range(3):
+        sq_norms, _, of_sum = metered(meter, model, x, y)
+        assert_close(sq_norms, expected)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+
+
+def test_conv_plan_is_reused_and_exact_on_later_steps() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3), nn.Flatten(), nn.Linear(3, 3)
+    ).double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    meter = DiversityMeter(model)
+    expected, expected_sum = reference(model, x, y)
+    for _ in range(3):
+        sq_norms, _, of_sum = metered(meter, model, x, y)
+        assert_close(sq_norms, expected)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    plans = rules._conv_plans.get(model[0])
+    assert plans and all(len(plan) == 3 for plan in plans.values())
+    planned = len(plans)
+    # the cached plan is keyed by shape: another batch size is planned (and exact) on its own
+    x2, y2 = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    expected2, _ = reference(model, x2, y2)
+    assert_close(metered(meter, model, x2, y2)[0], expected2)
+    assert len(rules._conv_plans[model[0]]) == planned + 1
+
+
+def test_held_meter_ignores_passes_between_measurements_and_releases() -> None:
+    """hold(): hooks stay registered; forward/backward passes outside ``with`` are not recorded (else the
+    next result would add their norms), and release() removes every hook."""
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = torch.randn(8, 7, dtype=torch.float64), torch.randint(0, 3, (8,))
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    meter = DiversityMeter(model).hold()
+    expected, expected_sum = reference(model, x, y)
+    for _ in range(3):
+        other = torch.randn(4, 7, dtype=torch.float64)
+        nn.functional.cross_entropy(model(other), torch.randint(0, 3, (4,))).backward()  # outside: ignored
+        sq_norms, _, of_sum = metered(meter, model, x, y)
+        assert_close(sq_norms, expected)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    assert sum(len(m._forward_hooks) for m in model.modules()) > 0
+    meter.release()
+    meter.release()  # idempotent
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_accumulator_in_place_sum_matches_float64_concatenation() -> None:
+    """The per-parameter in-place float64 sum equals the old concatenate-then-add, with the mean scale
+    applied per batch (a wrong variant, scaling once by the total n, differs for ragged batches)."""
+    torch.manual_seed(4)
+    shapes = [(3, 4), (4,), (2, 2, 2)]
+    batches = [([torch.randn(s) for s in shapes], n) for n in (5, 5, 2)]
+    accumulator = EpochDiversityAccumulator()
+    reference_sum = torch.zeros(sum(math.prod(s) for s in shapes), dtype=torch.float64)
+    for grads, n in batches:
+        accumulator.update(torch.rand(n), grads, n, grad_reduction="mean")
+        reference_sum += torch.cat([g.reshape(-1) for g in grads]).double() * n
+    assert accumulator.result.sq_norm_of_sum == pytest.approx(float(reference_sum.square().sum()), rel=1e-12)
+    wrong = sum(torch.cat([g.reshape(-1) for g in grads]).double() for grads, _ in batches) * 12 / 3
+    assert float(wrong.square().sum()) != pytest.approx(accumulator.result.sq_norm_of_sum, rel=1e-6)
+    # a single tensor and a list of the same entries are one layout
+    single = EpochDiversityAccumulator()
+    single.update(1.0, torch.ones(4), 1)
+    single.update(1.0, [torch.ones(2), torch.ones(2)], 1)
+    assert single.result.sq_norm_of_sum == 16.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_accumulator_refuses_non_finite_gradients_and_keeps_its_state(bad: float) -> None:
+    accumulator = EpochDiversityAccumulator()
+    accumulator.update(1.0, [torch.ones(2), torch.ones(3)], 1)
+    with pytest.raises(ValueError, match="grad contains inf or nan"):
+        accumulator.update(1.0, [torch.ones(2), torch.tensor([1.0, bad, 1.0])], 1)
+    assert accumulator.result.sq_norm_of_sum == 5.0 and accumulator.n == 1
+
+
+def test_accumulator_finite_check_survives_an_overflowing_l1_norm() -> None:
+    """float16 entries whose L1 norm overflows (> 65504) are finite: no false refusal."""
+    accumulator = EpochDiversityAccumulator()
+    accumulator.update(1.0, torch.full((4,), 60000.0, dtype=torch.float16), 1)
+    assert accumulator.result.sq_norm_of_sum == pytest.approx(4 * 60000.0**2)
+
+
+@pytest.mark.parametrize("values", [[1.0, math.nan], [1.0, math.inf], [1.0, -0.5]])
+def test_sum_of_sq_norms_refuses_bad_entries(values: list[float]) -> None:
+    with pytest.raises(ValueError, match="sq_norms must be finite and >= 0"):
+        EpochDiversityAccumulator().update(torch.tensor(values), torch.ones(2), 2)
+
+
+def test_race_at_one_thread_counts_this_threads_cpu_time_not_waiting(one_thread) -> None:
+    """On one CPU thread the autotuner times with thread CPU time: a candidate that only waits (as if
+    other jobs held the core) does not lose to one that computes longer. A wall clock would pick 'busy'."""
+    import time
+
+    from gradiv_lib.norms import fastest
+
+    key = ("fastpaths", "clock")
+    fastest._winners.pop(key, None)
+    value = torch.ones(2)
+
+    def waits() -> Tensor:
+        time.sleep(0.02)
+        return value
+
+    def busy() -> Tensor:
+        sum(range(200000))
+        return value.clone()
+
+    assert torch.get_num_threads() == 1
+    fastest.run_fastest(key, {"busy": busy, "waits": waits}, torch.device("cpu"))
+    assert fastest.winner_of(key) == "waits"
+    fastest._winners.pop(key, None)
+
+
+def test_later_calls_give_the_first_calls_numbers_bit_for_bit_in_float32() -> None:
+    """The fast paths keep each layer's arithmetic and the order of the sum over layers, so a checked
+    first call and an unchecked later call agree exactly (float32, conv + linear layers interleaved)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Unflatten(1, (2, 4)), nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(12, 4, bias=False))
+    x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    meter = DiversityMeter(model)
+    first, _, first_sum = metered(meter, model, x, y)
+    first = first.clone()
+    for _ in range(2):
+        later, _, later_sum = metered(meter, model, x, y)
+        assert torch.equal(later, first) and later_sum == first_sum
+    assert len(meter._engine._factor_parts) == 2
