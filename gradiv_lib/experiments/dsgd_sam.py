@@ -63,14 +63,16 @@ def _geometric(start: float, factor: float, n: int) -> list[float]:
 CONFIGS: dict[str, dict[str, Any]] = {
     "book": dict(
         num_samples=6000, data_seed=42, val_size=800, width=64, depth=3, n_workers=16, local_batch=32, steps=800,
-        seeds=[0, 1, 2], adsam_samples=2, max_extensions=2, sharpness_samples=1000, sharpness_iters=20,
+        seeds=[0, 1, 2], adsam_samples=2, max_extensions=3, sharpness_samples=1000, sharpness_iters=20,
         methods=list(METHODS),
+        # Placed after a first sweep (grids an octave lower) whose C-SGD and ADSAM winners sat on the top edge after
+        # two extensions. Learning rates in steps of sqrt 2 for C-SGD and D-SGD, of 2 for the two-dimensional grids.
         grids={
-            "csgd": {"lr": _geometric(0.141, 2 ** 0.5, 7)},               # finer (x sqrt 2): the baseline gets more tries
-            "dsgd_ring": {"lr": _geometric(0.1, 2.0, 5)},
-            "dsgd_exponential": {"lr": _geometric(0.1, 2.0, 5)},
-            "sam": {"lr": _geometric(0.2, 2.0, 3), "rho": _geometric(0.025, 2.0, 4)},
-            "adsam": {"lr": _geometric(0.2, 2.0, 3), "sigma": _geometric(0.01, 2.0, 4)},
+            "csgd": {"lr": _geometric(0.8, 2 ** 0.5, 7)},
+            "dsgd_ring": {"lr": _geometric(0.4, 2 ** 0.5, 5)},
+            "dsgd_exponential": {"lr": _geometric(0.4, 2 ** 0.5, 5)},
+            "sam": {"lr": _geometric(0.8, 2.0, 3), "rho": _geometric(0.1, 2.0, 4)},
+            "adsam": {"lr": _geometric(1.6, 2.0, 3), "sigma": _geometric(0.02, 2.0, 4)},
         },
     ),
     "quick": dict(
