@@ -291,7 +291,7 @@ def _add_dsgd_sam(sub: Any) -> None:
                     "settings, test accuracy with min/max over seeds, final train loss, top Hessian eigenvalue and\n"
                     "the range of rho / sigma / lr that beats tuned C-SGD.\n\n"
                     "Default (quick, seconds): a tiny run, one seed; the result is named dsgd_sam_mnist1d_quick.\n"
-                    "--book: the run shipped with the book (three seeds; about 20 minutes on a shared 2-core CPU).")
+                    "--book: the run shipped with the book (three seeds; about 13 minutes on a shared 2-core CPU).")
     p.add_argument("--book", action="store_true", help="the book's settings (minutes on a CPU)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    choices=["csgd", "dsgd_ring", "dsgd_exponential", "sam", "adsam"],

@@ -29,7 +29,7 @@ hyper-parameter (at the tuned learning rate) and of its learning rate (at the tu
 accuracy beats tuned C-SGD's.
 
 From the command line: ``gradiv dsgd-sam`` (quick, seconds) or ``gradiv dsgd-sam --book`` (the book's run, about
-20 minutes on a shared 2-core CPU).
+13 minutes on a shared 2-core CPU).
 """
 from __future__ import annotations
 
