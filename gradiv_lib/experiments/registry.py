@@ -83,6 +83,11 @@ SHIPPED: tuple[Shipped, ...] = (
     Shipped("benchmarks/federated_cpu", "gradiv bench federated", "benchmarks/bench_federated.py",
             compare="structure", minutes=0.3),
     Shipped("benchmarks/norms_cpu", "gradiv bench norms", "benchmarks/bench_norms.py", compare="structure", minutes=10),
+    # chapter 6: D-SGD vs C-SGD vs SAM vs average-direction SAM on MNIST-1D, each tuned (minutes), and its quick mode
+    Shipped("ch06/dsgd_sam_mnist1d", "gradiv dsgd-sam --book", "gradiv_lib/experiments/dsgd_sam.py",
+            minutes=13),
+    Shipped("ch06/dsgd_sam_mnist1d_quick", "gradiv dsgd-sam", "gradiv_lib/experiments/dsgd_sam.py", cheap=True,
+            minutes=0.2),
 )
 
 
