@@ -13,7 +13,7 @@ import pytest
 from gradiv_lib import cli, results
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["divebatch", "width", "plasticity", "federated", "workers", "bench", "regenerate"]
+SUBCOMMANDS = ["divebatch", "width", "plasticity", "federated", "dsgd-sam", "workers", "bench", "regenerate"]
 
 
 def _python(*args, cwd=None, env=None, timeout=120):
