@@ -223,9 +223,10 @@ def train(
         backward pass per batch). BatchNorm networks in training mode are always measured in such a
         separate pass, with BatchNorm in eval mode, because batch statistics mix the samples: that pass
         measures the per-sample gradients of the eval-mode network (running statistics), a different
-        function from the one the training step differentiates. (The DiveBatch authors' BackPACK pass keeps
-        training mode, whose "per-sample" gradients include the batch-statistics coupling and are not the
-        gradients of per-sample losses either.)
+        function from the one the training step differentiates. (The DiveBatch authors' BackPACK pass runs
+        the forward in training mode, with batch statistics, and switches BatchNorm to eval mode only
+        before the backward, so its "per-sample" terms fold in the batch-statistics coupling and are not
+        the gradients of per-sample losses either.)
     eval_batch_size : int
         Batch size of evaluation passes.
     device : str or torch.device, optional
