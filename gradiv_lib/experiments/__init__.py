@@ -7,6 +7,8 @@
 * ``plasticity`` (chapter 8, :mod:`gradiv_lib.experiments.continual`): regularizers against loss of plasticity.
 * ``federated`` (chapter 7, :mod:`gradiv_lib.experiments.federated_runs`): server optimizers on skewed clients;
   with ``--flower`` (:mod:`gradiv_lib.experiments.flower_check`) the simulator against a Flower deployment.
+* ``dsgd-sam`` (chapter 6, :mod:`gradiv_lib.experiments.dsgd_sam`): C-SGD, D-SGD, SAM and average-direction SAM
+  on MNIST-1D, each tuned on its own grid.
 
 Each writes a small JSON (configuration, command, versions, commit, device, seconds, results) with
 :func:`gradiv_lib.results.save` under ``./gradiv-results`` (or ``--out DIR``) and prints its path. The results
@@ -19,11 +21,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = ("continual", "divebatch", "federated_runs", "flower_check", "regenerate", "registry", "width")
+_MODULES = ("continual", "divebatch", "dsgd_sam", "federated_runs", "flower_check", "regenerate", "registry", "width")
 
 #: Experiment name → module with a ``run(...)`` function.
 EXPERIMENT_MODULES = {"divebatch": "divebatch", "width": "width", "plasticity": "continual",
-                      "federated": "federated_runs"}
+                      "federated": "federated_runs", "dsgd-sam": "dsgd_sam"}
+
+
+def with_overrides(config: dict[str, Any], overrides: dict[str, Any], seeds: Any = None) -> dict[str, Any]:
+    """``config`` updated in place with the non-``None`` ``overrides`` (each must be a key of ``config``: a
+    misspelt setting is an error naming the valid ones) and, when given, ``seeds`` as a list of ints."""
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; valid: {sorted(config)}")
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    if seeds is not None:
+        config["seeds"] = [int(s) for s in seeds]
+    return config
 
 
 def __getattr__(name: str) -> Any:
@@ -34,4 +48,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["EXPERIMENTS", "EXPERIMENT_MODULES", *_MODULES]
+__all__ = ["EXPERIMENTS", "EXPERIMENT_MODULES", "with_overrides", *_MODULES]

@@ -47,6 +47,7 @@ from torch import nn
 
 from .. import models, results, sharpness, workers
 from ..data import InMemoryData, load_mnist1d, partition_iid
+from . import with_overrides
 
 __all__ = ["CONFIGS", "KEY", "METHODS", "check_config", "load_data", "run", "run_one", "sensitivity", "summarize", "sweep"]
 
@@ -388,12 +389,7 @@ def run(mode: str = "quick", *, seeds: Sequence[int] | None = None, methods: Seq
     if mode not in CONFIGS:
         raise ValueError(f"mode must be one of {list(CONFIGS)}, got {mode!r}")
     config = copy.deepcopy(CONFIGS[mode])
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; valid: {sorted(config)}")
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    if seeds is not None:
-        config["seeds"] = list(seeds)
+    with_overrides(config, overrides, seeds)
     if methods is not None:
         config["methods"] = list(methods)
     config = check_config(config)

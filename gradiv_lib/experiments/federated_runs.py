@@ -209,18 +209,10 @@ def run_grid(federation, server: str, configs: Sequence[dict[str, float]], round
         if live:
             M = len(clients)
             plans = [federation.plan(int(c), t) for c in clients]
-            T = max(p[0].shape[0] for p in plans)
-            B = max(p[0].shape[1] for p in plans)
-            idx = np.full((T, M, B), -1, dtype=np.int64)
-            for j, (rows, _) in enumerate(plans):
-                idx[: rows.shape[0], j, : rows.shape[1]] = rows
-            idx_t = torch.from_numpy(idx).to(federation.device)
-            valid = idx_t >= 0
-            counts = valid.sum(-1, keepdim=True)
-            wts = (valid.to(dtype) / counts.clamp_min(1).to(dtype)).repeat(1, len(live), 1)   # (T, L*M, B)
-            active = (counts.squeeze(-1) > 0).to(dtype).repeat(1, len(live))               # (T, L*M)
-            X = federation.x[idx_t.clamp_min(0)]
-            Y = federation.y[idx_t.clamp_min(0)]
+            X, Y, wts, active = federation.stacked_batches(plans)
+            T = X.shape[0]
+            wts = wts.repeat(1, len(live), 1)          # (T, L*M, B)
+            active = active.repeat(1, len(live))       # (T, L*M)
             start = torch.stack([servers[g].params for g in live]).to(dtype).repeat_interleave(M, 0)  # (L*M, P)
             mu = torch.tensor([servers[g].prox_mu for g in live], dtype=dtype).repeat_interleave(M)[:, None]
             v = start.clone()

@@ -39,6 +39,7 @@ from torch.func import functional_call, grad, vmap
 from .. import data as gdata
 from .. import models, results, scaling
 from ..diversity import gradient_diversity
+from . import with_overrides
 
 __all__ = ["PRESETS", "batch_size_bounds", "build_family", "check_schedule", "diversity_along_training", "half_squared_error",
            "learning_rates", "load_problem", "run", "steps_to_target", "summarize", "sweep"]
@@ -483,12 +484,7 @@ def run(dataset: str = "synthetic", *, full: bool = False, root: str | Path | No
     if full and dataset != "cifar10":
         raise ValueError(f"full=True (--full) is the CIFAR-10 protocol; use dataset='cifar10', not {dataset!r}")
     config = dict(PRESETS[dataset])
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; valid: {sorted(config)}")
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    if seeds is not None:
-        config["seeds"] = list(seeds)
+    with_overrides(config, overrides, seeds)
     device = pick_device(None if device is None else str(device))
     start = time.perf_counter()
     if checkpoint_dir is None and full:

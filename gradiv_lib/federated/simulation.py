@@ -241,6 +241,24 @@ class Federation:
             out.dtype if y.dtype.is_floating_point else y.dtype), reduction="none")
         return loss.reshape(M, B, -1).mean(-1)
 
+    def stacked_batches(self, plans: Sequence[tuple[np.ndarray, dict[str, int]]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The clients' local batches of :meth:`plan` padded into one stack: inputs ``X`` ``(T, M, B, ...)`` and
+        labels ``Y`` ``(T, M, B)`` for ``T`` = the most local steps and ``B`` = the largest batch, the weights
+        ``1/b`` of each real sample in its step's mean (0 on padding) ``(T, M, B)``, and ``active`` ``(T, M)``,
+        1 where client ``m`` takes a step ``t`` (clients with fewer steps idle at the end)."""
+        M = len(plans)
+        T = max(p[0].shape[0] for p in plans)
+        Bmax = max(p[0].shape[1] for p in plans)
+        idx = np.full((T, M, Bmax), -1, dtype=np.int64)
+        for j, (rows, _) in enumerate(plans):
+            idx[: rows.shape[0], j, : rows.shape[1]] = rows
+        idx_t = torch.from_numpy(idx).to(self.device)
+        valid = idx_t >= 0
+        counts = valid.sum(-1, keepdim=True)
+        wts = valid.to(self.spec.dtype) / counts.clamp_min(1).to(self.spec.dtype)
+        active = (counts.squeeze(-1) > 0).to(self.spec.dtype)
+        return self.x[idx_t.clamp_min(0)], self.y[idx_t.clamp_min(0)], wts, active
+
     def local_updates(self, params: Tensor, clients: Sequence[int] | Tensor, round: int, *, prox_mu: float = 0.0,
                       backend: str = "stacked") -> tuple[Tensor, dict[str, Any]]:
         r"""Run every client in ``clients`` from the global ``params`` ``(P,)`` and return the pseudo-gradients
@@ -268,18 +286,8 @@ class Federation:
         if backend == "loop":
             return self._loop(x0, plans, lr, mu, info)
         M = len(clients)
-        T = max(p[0].shape[0] for p in plans)
-        Bmax = max(p[0].shape[1] for p in plans)
-        idx = np.full((T, M, Bmax), -1, dtype=np.int64)
-        for j, (rows, _) in enumerate(plans):
-            idx[: rows.shape[0], j, : rows.shape[1]] = rows
-        idx_t = torch.from_numpy(idx).to(self.device)
-        valid = (idx_t >= 0)
-        counts = valid.sum(-1, keepdim=True)
-        wts = (valid.to(self.spec.dtype) / counts.clamp_min(1).to(self.spec.dtype))
-        active = (counts.squeeze(-1) > 0).to(self.spec.dtype)  # (T, M)
-        X = self.x[idx_t.clamp_min(0)]
-        Y = self.y[idx_t.clamp_min(0)]
+        X, Y, wts, active = self.stacked_batches(plans)
+        T = X.shape[0]
         v = x0.unsqueeze(0).repeat(M, 1)
         first_loss = None
         for t in range(T):
