@@ -95,7 +95,15 @@ class History:
     target_accuracy : float or None
         The target, and ``target_on`` (``"test"`` or ``"train"``) the accuracy it is checked on.
     epoch_to_target, steps_to_target, samples_to_target, seconds_to_target
-        Cumulative values at the end of the first epoch that reached the target (``None`` if never).
+        Cumulative values at the first evaluation that reached the target (``None`` if never): the end
+        of an epoch, or with ``eval_every`` also an evaluation between the steps of an epoch
+        (``epoch_to_target`` is then the epoch in which it happened).
+    eval_every : int or None
+        With ``train(eval_every=k)``: ``test_data`` is also evaluated after every ``k``-th optimizer
+        step (counted over the whole run), and ``eval_epoch``, ``eval_steps``, ``eval_samples``,
+        ``eval_seconds``, ``eval_test_loss``, ``eval_test_accuracy`` hold one entry per such evaluation:
+        the epoch, the cumulative steps and samples, the cumulative training seconds (evaluations
+        excluded) and the test loss and accuracy at that moment.
     diverged : bool
         The loss became non-finite and the run stopped (``on_nonfinite="stop"``).
     """
@@ -122,6 +130,13 @@ class History:
     samples_to_target: int | None = None
     seconds_to_target: float | None = None
     diverged: bool = False
+    eval_every: int | None = None
+    eval_epoch: list[int] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_samples: list[int] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    eval_test_loss: list[float] = field(default_factory=list)
+    eval_test_accuracy: list[float] = field(default_factory=list)
 
     #: Names of the per-epoch lists.
     PER_EPOCH = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "batch_size", "lr",
@@ -388,6 +403,7 @@ def train(
     measure_diversity: bool = False,
     measure_batch_size: int | None = None,
     eval_batch_size: int = 1024,
+    eval_every: int | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
@@ -453,6 +469,12 @@ def train(
         gradients of per-sample losses either.)
     eval_batch_size : int
         Batch size of evaluation passes.
+    eval_every : int, optional
+        Also evaluate ``test_data`` after every ``eval_every``-th optimizer step (counted over the
+        whole run, across epochs and batch-size changes) and record it in the history's ``eval_*``
+        lists; the target is then found at this granularity (see :class:`History`). Evaluation time is
+        excluded from the recorded seconds, and evaluation touches neither the weights nor any random
+        number generator, so the training itself is the same as without it.
     device : str or torch.device, optional
         Default: the device of ``data``.
     seed : int
@@ -498,6 +520,10 @@ def train(
     _check_int(epochs, "epochs", 1)
     _check_int(seed, "seed", 0)
     _check_int(eval_batch_size, "eval_batch_size", 1)
+    if eval_every is not None:
+        _check_int(eval_every, "eval_every", 1)
+        if test_data is None:
+            raise ValueError(f"eval_every={eval_every} evaluates test_data between steps; pass test_data or eval_every=None")
     if measure_batch_size is not None:
         _check_int(measure_batch_size, "measure_batch_size", 1)
     _check_int(checkpoint_every, "checkpoint_every", 1)
@@ -532,8 +558,9 @@ def train(
     reduction = _loss_reduction(loss_fn, model, *_head(train_data, 8))
 
     config = {"schedule": schedule.name, "initial_batch_size": schedule.initial_batch_size, "epochs": epochs,
-              "seed": seed, "n_samples": n_train, "n_params": sum(p.numel() for p in params)}
-    history = History(schedule=schedule.name, target_accuracy=target_accuracy, target_on=target_on)
+              "seed": seed, "n_samples": n_train, "n_params": sum(p.numel() for p in params), "eval_every": eval_every}
+    history = History(schedule=schedule.name, target_accuracy=target_accuracy, target_on=target_on,
+                      eval_every=eval_every)
     generator = torch.Generator().manual_seed(seed)
     path = None if checkpoint_path is None else Path(checkpoint_path)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -595,6 +622,10 @@ def train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
+                eval_time = 0.0            # seconds spent in step-granular evaluations, not counted as training
+                steps_before = history.steps[-1] if history.steps else 0
+                samples_before = history.samples[-1] if history.samples else 0
+                seconds_before = history.seconds[-1] if history.seconds else 0.0
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 correct = torch.zeros((), dtype=torch.long, device=device)
                 steps = samples = 0
@@ -634,9 +665,27 @@ def train(
                         correct += (out.detach().argmax(1) == yb).sum()
                     steps += 1
                     samples += n
+                    if eval_every is not None and (steps_before + steps) % eval_every == 0:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        now = time.perf_counter()
+                        step_loss, step_accuracy = evaluate(model, test, loss_fn, eval_batch_size)
+                        history.eval_epoch.append(epoch)
+                        history.eval_steps.append(steps_before + steps)
+                        history.eval_samples.append(samples_before + samples)
+                        history.eval_seconds.append(seconds_before + (now - start - eval_time))
+                        history.eval_test_loss.append(step_loss)
+                        history.eval_test_accuracy.append(step_accuracy)
+                        if (target_accuracy is not None and target_on == "test" and history.epoch_to_target is None
+                                and step_accuracy >= target_accuracy):
+                            history.epoch_to_target = epoch
+                            history.steps_to_target = history.eval_steps[-1]
+                            history.samples_to_target = history.eval_samples[-1]
+                            history.seconds_to_target = history.eval_seconds[-1]
+                        eval_time += time.perf_counter() - now
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - eval_time
                 train_loss = float(loss_sum) / samples
                 train_accuracy = int(correct) / samples if classify else math.nan
                 result: DiversityResult | None = accumulator.result if accumulator is not None and accumulator.n else None
@@ -654,14 +703,12 @@ def train(
                 resize: Resize | None = schedule.end_epoch(epoch) if not diverged else None
                 if schedule_measures and schedule.measurements and schedule.measurements[-1][0] == epoch:
                     result = schedule.measurements[-1][1]
-                previous = history.steps[-1] if history.steps else 0
                 history._append(
                     epoch=epoch, train_loss=train_loss, train_accuracy=train_accuracy, test_loss=test_loss,
                     test_accuracy=test_accuracy, batch_size=batch_size, lr=epoch_lr, lr_scale=epoch_lr_scale,
                     diversity=result.diversity if result else math.nan,
                     batch_size_bound=result.batch_size_bound if result else math.nan,
-                    steps=previous + steps, samples=(history.samples[-1] if history.samples else 0) + samples,
-                    seconds=(history.seconds[-1] if history.seconds else 0.0) + elapsed,
+                    steps=steps_before + steps, samples=samples_before + samples, seconds=seconds_before + elapsed,
                 )
                 if target_accuracy is not None and history.epoch_to_target is None:
                     reached = test_accuracy if target_on == "test" else train_accuracy
