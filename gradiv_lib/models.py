@@ -6,7 +6,8 @@ Chapters that use it:
 * ch. 3 (width vs large-batch training, Chen et al., NeurIPS 2018) — :func:`deep_linear`,
   :func:`width_for_budget` and :func:`fixed_budget_family`, which trade width for depth at an
   (almost) equal number of parameters;
-* ch. 4 (DiveBatch) — :func:`resnet18_cifar`, the network of the CIFAR and Tiny-ImageNet runs.
+* ch. 4 (DiveBatch) — :func:`resnet18_cifar`, the network of the CIFAR and Tiny-ImageNet runs, and
+  :func:`cnn1d`, the network of the MNIST-1D comparison.
 
 Every model is built from layers the per-sample norm engine supports (``Linear``, ``Conv2d``,
 ``GroupNorm``, ``BatchNorm2d`` in eval mode) plus parameter-free layers, and activations are never

@@ -16,7 +16,8 @@ device, so the batch size can change between epochs at no cost) or any map-style
   backward pass;
 * :class:`History` records per epoch the loss, train/test accuracy, batch size, learning rate,
   :math:`\\hat\\Delta`, cumulative optimizer steps, samples and seconds, and the steps, samples and seconds
-  to a target accuracy;
+  to a target accuracy; with ``eval_every=k`` it also records the test accuracy every ``k`` optimizer steps,
+  and the target is found at that granularity;
 * with ``checkpoint_path`` the full state (model, optimizer, scheduler, schedule, random-number
   generators, history) is written atomically after every epoch and a later call with the same arguments
   resumes from it; a resumed run gives the same history as an uninterrupted one (except wall-clock
