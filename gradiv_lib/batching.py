@@ -30,9 +30,14 @@ epochs, during the epoch that ends the period, gradient diversity is accumulated
 .. math:: B \\leftarrow \\operatorname{clamp}\\big(\\max(\\lfloor\\delta N\\hat\\Delta\\rfloor, B),\\,
           B_{\\min},\\, B_{\\max}\\big),
 
-a fraction :math:`\\delta` of Yin et al.'s batch-size bound :math:`B_S = N\\Delta`, never shrinking.
-A non-finite :math:`\\hat\\Delta` (gradients that cancel) sends :math:`B` to :math:`B_{\\max}` as in the
-authors' code; once :math:`B = B_{\\max}` nothing is measured any more.
+a fraction :math:`\\delta` of Yin et al.'s batch-size bound :math:`B_S = N\\Delta`, never shrinking
+(``rule="cifar10"``, the default: the rule of the authors' CIFAR-10 script and of their final CIFAR-100
+script, which uses :math:`\\delta = 0.01`). Their early CIFAR-100 script grew the batch by the ratio
+:math:`\\max(\\hat\\Delta, 1)` instead (``rule="cifar100_ratio"``, with its own learning-rate rescale
+``lr_rule="ratio"``); :func:`cifar100_code_lr` and :func:`cifar100_code_lr_scheduler` give the learning
+rate of their final CIFAR-100 script. A non-finite :math:`\\hat\\Delta` (gradients that cancel) sends
+:math:`B` to :math:`B_{\\max}` as in the authors' code; once :math:`B = B_{\\max}` nothing is measured
+any more.
 
 **AdaBatch** (Devarakonda, Naumov & Garland 2017): multiply :math:`B` by ``factor`` (2) every
 ``resize_every`` epochs up to :math:`B_{\\max}`; the learning rate follows ``lr_rule`` or is multiplied
@@ -60,6 +65,8 @@ from torch import Tensor
 from .diversity import DiversityResult, EpochDiversityAccumulator, TwoBatchNoiseScale
 
 __all__ = [
+    "DIVEBATCH_LR_RULES",
+    "DIVEBATCH_RULES",
     "LR_RULES",
     "AdaBatch",
     "BatchSchedule",
@@ -67,6 +74,8 @@ __all__ = [
     "FixedBatch",
     "NoiseScaleBatch",
     "Resize",
+    "cifar100_code_lr",
+    "cifar100_code_lr_scheduler",
     "lr_multiplier",
 ]
 
@@ -383,23 +392,65 @@ def _flat(grad: Sequence[Tensor | None] | Tensor) -> Tensor:
     return torch.cat([g.detach().reshape(-1) for g in grad])
 
 
+#: DiveBatch's batch-size rules (see :class:`DiveBatch`).
+DIVEBATCH_RULES: tuple[str, ...] = ("cifar10", "cifar100_ratio")
+
+#: Learning-rate rules of :class:`DiveBatch`: the common ones and, with ``rule="cifar100_ratio"`` only,
+#: ``"ratio"`` (multiply by the growth ratio :math:`\\max(\\hat\\Delta, 1)`).
+DIVEBATCH_LR_RULES: tuple[str, ...] = LR_RULES + ("ratio",)
+
+
 class DiveBatch(BatchSchedule):
-    """Diversity-driven batch size: :math:`B \\leftarrow \\operatorname{clamp}(\\max(\\lfloor\\delta N\\hat\\Delta\\rfloor, B), B_{\\min}, B_{\\max})`.
+    """Diversity-driven batch size, with the two rules of the authors' code.
 
     Measures :math:`\\hat\\Delta` over the whole epoch that ends each period of ``resize_every``
     epochs (epochs ``e`` with ``(e + 1) % resize_every == 0``) while :math:`B < B_{\\max}`, then
     resizes. ``N`` is the number of samples observed in the measurement epoch (the training-set
     size), so :math:`N\\hat\\Delta` is the epoch estimate of :math:`B_S`.
 
+    **rule="cifar10"** (default) — ``chenyuen0103/pytorch-cifar``, ``src/main_cifar10.py``, and the
+    final ``train.py`` of ``chenyuen0103/pytorch-cifar100`` (from commit f7d98c0, 16 Jan 2025, with
+    :math:`\\delta = 0.01` in its ``exp_config_divebatch.json``):
+
+    .. math:: B' = \\operatorname{clamp}\\big(\\max(\\lfloor\\delta N\\hat\\Delta\\rfloor, B),\\,
+              B_{\\min},\\, B_{\\max}\\big),
+
+    a fraction :math:`\\delta` of Yin et al.'s bound :math:`B_S = N\\Delta`, never shrinking. With
+    ``lr_rule="linear"`` (the code's ``--adaptive_lr``) :math:`\\eta \\leftarrow \\eta\\,B'/B`.
+
+    **rule="cifar100_ratio"** — the first CIFAR-100 ``train.py`` (commits 7605f00 to 59eae1f,
+    28 Dec 2024 to 1 Jan 2025, the version that wrote the logs kept in that history):
+
+    .. math:: B' = \\operatorname{clamp}\\big(\\lfloor B\\,\\max(\\hat\\Delta, 1)\\rfloor,\\,
+              B_{\\min},\\, B_{\\max}\\big).
+
+    The code writes the factor as :math:`\\max(\\hat\\Delta/\\hat\\Delta_{\\text{old}}, 1)` but never
+    updates :math:`\\hat\\Delta_{\\text{old}}` from its initial value 1, so the factor is
+    :math:`\\max(\\hat\\Delta, 1)`: its logs go 128 → 635 → 2048 with :math:`\\hat\\Delta` = 4.9654 and
+    3.5506 (:math:`\\lfloor 128\\cdot 4.9654\\rfloor = 635`, :math:`635\\cdot 3.5506 > 2048`); a true
+    ratio would have kept 635. :math:`N` and :math:`\\delta` play no part (``delta`` must be left out).
+    Its ``--adaptive_lr`` multiplies the rate by the same factor, ``lr_rule="ratio"``:
+    :math:`\\eta \\leftarrow \\eta\\max(\\hat\\Delta, 1)` (not :math:`B'/B`: the factor is neither
+    truncated nor capped at :math:`B_{\\max}`; after a non-finite :math:`\\hat\\Delta`, where the code fails,
+    the factor is :math:`B_{\\max}/B`). In that script the next epoch's closed-form
+    ``MultiStepLR.step(epoch)`` overwrote the rescaled rate, so it never lasted more than one epoch;
+    here it persists, as the code evidently intended. When :math:`B' = B` nothing changes here, the
+    learning rate included (the code would still multiply it by :math:`\\hat\\Delta \\in (1, 1 + 1/B)`).
+
+    The final CIFAR-100 script's ``--adaptive_lr`` differs from the CIFAR-10 one: see
+    :func:`cifar100_code_lr`.
+
     Parameters
     ----------
     batch_size : int
-        Initial batch size :math:`B_0` (128 in the CIFAR-10 configs).
+        Initial batch size :math:`B_0` (128 in the CIFAR configs).
     max_batch_size : int
         :math:`B_{\\max}` (2048).
-    delta : float
-        :math:`\\delta > 0`, the fraction of :math:`B_S` to use (0.1 on CIFAR-10, 0.01 on CIFAR-100
-        and Tiny-ImageNet in the authors' configs).
+    rule : str
+        ``"cifar10"`` or ``"cifar100_ratio"`` (above).
+    delta : float, optional
+        :math:`\\delta > 0`, the fraction of :math:`B_S` to use with ``rule="cifar10"`` (default 0.1, as
+        on CIFAR-10; 0.01 in the CIFAR-100 and Tiny-ImageNet configs). Not used by ``"cifar100_ratio"``.
     resize_every : int
         Epochs per measurement and resize (20 in the configs).
     min_batch_size : int, optional
@@ -407,8 +458,8 @@ class DiveBatch(BatchSchedule):
         lifts the batch to at least :math:`B_{\\min}` at the first resize (the ``min_batch_size``
         clamp of the authors' trainer class).
     lr_rule : str
-        ``"none"``, ``"linear"`` (the code's ``--adaptive_lr``: :math:`\\eta \\leftarrow \\eta B'/B`)
-        or ``"sqrt"``.
+        ``"none"``, ``"linear"`` (:math:`\\eta \\leftarrow \\eta B'/B`), ``"sqrt"``, or with
+        ``rule="cifar100_ratio"`` also ``"ratio"`` (:math:`\\eta \\leftarrow \\eta\\max(\\hat\\Delta, 1)`).
     lr_cap : float, optional
         Upper bound on the cumulative learning-rate multiplier (guards against the large linear
         jumps that destabilise momentum SGD when :math:`B` leaps to :math:`B_{\\max}`).
@@ -421,11 +472,27 @@ class DiveBatch(BatchSchedule):
 
     name = "divebatch"
 
-    def __init__(self, batch_size: int, max_batch_size: int, *, delta: float = 0.1, resize_every: int = 20,
-                 min_batch_size: int | None = None, lr_rule: str = "none", lr_cap: float | None = None) -> None:
+    def __init__(self, batch_size: int, max_batch_size: int, *, rule: str = "cifar10", delta: float | None = None,
+                 resize_every: int = 20, min_batch_size: int | None = None, lr_rule: str = "none",
+                 lr_cap: float | None = None) -> None:
+        if rule not in DIVEBATCH_RULES:
+            raise ValueError(f"rule must be one of {', '.join(map(repr, DIVEBATCH_RULES))}; got {rule!r}")
+        if lr_rule == "ratio" and rule != "cifar100_ratio":
+            raise ValueError(f"lr_rule='ratio' (multiply by max(Δ̂, 1)) belongs to rule='cifar100_ratio', not rule={rule!r}")
+        if lr_rule not in DIVEBATCH_LR_RULES:
+            raise ValueError(f"lr_rule must be one of {', '.join(map(repr, LR_RULES))} (or 'ratio' with "
+                             f"rule='cifar100_ratio'); got {lr_rule!r}")
         super().__init__(batch_size, max_batch_size=max_batch_size, min_batch_size=min_batch_size,
-                         lr_rule=lr_rule, lr_cap=lr_cap)
-        self.delta = _check_positive(delta, "delta")
+                         lr_rule="none" if lr_rule == "ratio" else lr_rule, lr_cap=lr_cap)
+        self.lr_rule = lr_rule
+        self.rule = rule
+        if rule == "cifar100_ratio":
+            if delta is not None:
+                raise ValueError(f"delta is not used by rule='cifar100_ratio' (B grows by the factor max(Δ̂, 1)); "
+                                 f"leave it out, got delta={delta!r}")
+            self.delta = None
+        else:
+            self.delta = 0.1 if delta is None else _check_positive(delta, "delta")
         self.resize_every = _check_positive_int(resize_every, "resize_every")
         self._accumulator = EpochDiversityAccumulator()
         self.measurements: list[tuple[int, DiversityResult]] = []
@@ -459,7 +526,13 @@ class DiveBatch(BatchSchedule):
         return self.measurements[-1][1] if self.measurements else None
 
     def target_batch_size(self, result: DiversityResult) -> float:
-        """:math:`\\delta N\\hat\\Delta` for an epoch estimate (``inf`` when :math:`\\hat\\Delta` is not finite)."""
+        """The rule's unclamped, untruncated target for an epoch estimate (``inf`` when :math:`\\hat\\Delta` is not finite).
+
+        :math:`\\delta N\\hat\\Delta` with ``rule="cifar10"``, :math:`B\\max(\\hat\\Delta, 1)` with ``"cifar100_ratio"``.
+        """
+        if self.rule == "cifar100_ratio":
+            diversity = result.diversity
+            return self.batch_size * max(diversity, 1.0) if math.isfinite(diversity) else math.inf
         bound = result.batch_size_bound
         return self.delta * bound if math.isfinite(bound) else math.inf
 
@@ -474,7 +547,10 @@ class DiveBatch(BatchSchedule):
         self.measurements.append((epoch, result))
         target = self.target_batch_size(result)
         proposal = self.max_batch_size if not math.isfinite(target) else max(math.floor(target), self.batch_size)
-        return self._resize(epoch, proposal, estimate=result.batch_size_bound)
+        lr_factor = None
+        if self.lr_rule == "ratio":
+            lr_factor = max(result.diversity, 1.0) if math.isfinite(result.diversity) else self.max_batch_size / self.batch_size
+        return self._resize(epoch, proposal, estimate=result.batch_size_bound, lr_factor=lr_factor)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -491,8 +567,66 @@ class DiveBatch(BatchSchedule):
         self._accumulator.reset()
 
     def _repr_args(self) -> str:
-        return (f"batch_size={self.batch_size}, max_batch_size={self.max_batch_size}, delta={self.delta}, "
-                f"resize_every={self.resize_every}, lr_rule={self.lr_rule!r}, lr_cap={self.lr_cap}")
+        return (f"batch_size={self.batch_size}, max_batch_size={self.max_batch_size}, rule={self.rule!r}, "
+                f"delta={self.delta}, resize_every={self.resize_every}, lr_rule={self.lr_rule!r}, lr_cap={self.lr_cap}")
+
+
+def cifar100_code_lr(base_lr: float, batch_size: int, initial_batch_size: int, step_factor: float) -> float:
+    """Learning rate of the DiveBatch authors' final CIFAR-100 script with ``--adaptive_lr``.
+
+    After every epoch, ``chenyuen0103/pytorch-cifar100/train.py`` (from commit 5ec0851, 1 Jan 2025) calls
+    ``MultiStepLR.step(epoch)``, which with an explicit epoch sets the closed-form rate
+    :math:`\\eta_0 s` (:math:`s = \\gamma^{k}`, :math:`k` milestones passed), reads
+    :math:`s = \\eta/\\eta_0` back, and then multiplies the rate by :math:`B/B_0` and by :math:`s`
+    again, every epoch, relative to the *initial* batch:
+
+    .. math:: \\eta = \\eta_0\\,\\frac{B}{B_0}\\,s^2 .
+
+    Because the step resets the rate each epoch the rescale does not compound; but the step factor
+    counts twice, so after the milestones [60, 120, 160] with :math:`\\gamma = 0.2` the rate falls by
+    :math:`0.04` per milestone, not 0.2 (the CIFAR-10 script's chainable cosine schedule applies its
+    factor once). Before the first milestone the rate equals the ``lr_rule="linear"`` one. (That script
+    also trains its first epoch at rate 0: a warm-up scheduler is built, which sets the rate to 0, and
+    never stepped by its DiveBatch trainer. Not reproduced here.)
+
+    Parameters
+    ----------
+    base_lr : float
+        :math:`\\eta_0` (0.1).
+    batch_size, initial_batch_size : int
+        :math:`B` (of the coming epoch) and :math:`B_0`.
+    step_factor : float
+        :math:`s`, the scheduler's factor :math:`\\gamma^k` after the epoch just finished, in (0, 1].
+    """
+    base_lr = _check_positive(base_lr, "base_lr")
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(initial_batch_size, "initial_batch_size")
+    step_factor = _check_positive(step_factor, "step_factor")
+    return base_lr * (batch_size / initial_batch_size) * step_factor ** 2
+
+
+def cifar100_code_lr_scheduler(milestones: Sequence[int] = (60, 120, 160), gamma: float = 0.2) -> Any:
+    """Factory ``optimizer -> MultiStepLR`` that, with ``DiveBatch(..., lr_rule="linear")`` in
+    :func:`gradiv_lib.training.train`, gives :func:`cifar100_code_lr`'s rates.
+
+    :math:`\\eta_0 (B/B_0) s^2 = \\eta_0 (B/B_0)(\\gamma^2)^k`: a ``MultiStepLR`` with factor
+    :math:`\\gamma^2` (0.04) under the linear rescale, which the training loop carries through a
+    chainable schedule. Pass it as ``lr_scheduler=`` to reproduce the authors' final CIFAR-100 runs;
+    the runs without ``--adaptive_lr`` use the plain factor :math:`\\gamma`.
+    """
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence) or not milestones:
+        raise ValueError(f"milestones must be a non-empty sequence of epochs, got {milestones!r}")
+    steps = [_check_positive_int(m, "milestones") for m in milestones]
+    if steps != sorted(set(steps)):
+        raise ValueError(f"milestones must be strictly increasing, got {list(milestones)!r}")
+    gamma = _check_positive(gamma, "gamma")
+    if gamma > 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+
+    def factory(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=steps, gamma=gamma ** 2)
+
+    return factory
 
 
 # --------------------------------------------------------------------------------------------

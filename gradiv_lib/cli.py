@@ -90,6 +90,11 @@ def _add_divebatch(sub: Any) -> None:
     p = sub.add_parser(
         "divebatch", help="DiveBatch vs SGD (small and large batch) vs AdaBatch (chapter 4)",
         formatter_class=_Formatter,
+        epilog="Several processes (data parallel: each takes a slice of every global batch; gradients and\n"
+               "per-sample norms are all-reduced, so the run is the one-process run of the same batches):\n"
+               "  gradiv divebatch --nproc 2              two gloo processes on this machine's CPU\n"
+               "  torchrun --standalone --nproc-per-node 4 -m gradiv_lib divebatch --full --dataset cifar10\n"
+               "      --root DIR --device cuda            four processes, one GPU each (nccl)",
         description="DiveBatch vs SGD with a small and a large batch vs AdaBatch (chapter 4).\n\n"
                     "Default (quick, seconds on a CPU): scikit-learn digits, an MLP 64-64-10, SGD with momentum,\n"
                     "batch 16 to 512, 20 epochs, three seeds; steps, samples and seconds to 98 % test accuracy.\n"
@@ -116,6 +121,8 @@ def _add_divebatch(sub: Any) -> None:
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="checkpoint folder (default with --full: ./gradiv_checkpoints/divebatch_<dataset>)")
     p.add_argument("--name", help="result name under ch04/ (default: divebatch_<dataset>)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel gloo processes on this machine's CPU (ignored under torchrun)")
     _run_options(p)
 
 
@@ -177,8 +184,11 @@ def _add_federated(sub: Any) -> None:
                     "each round samples clients, runs their local SGD as stacked tensors and aggregates on the\n"
                     "server. Records accuracy, loss and the gradient diversity of the client updates per round.\n\n"
                     "Default (quick, seconds): 100 clients, 10 per round, 30 rounds, FedAvg and FedAWARE.\n"
-                    "--full: 300 rounds. --flower: the same run over Flower's gRPC on this machine (needs the\n"
-                    "'flower' extra: pip install \"gradiv_lib[flower]\").")
+                    "--full: 300 rounds. --flower: each server in the simulator and as a real Flower deployment on\n"
+                    "this machine (flower-superlink, one flower-supernode per client, flwr run: separate processes\n"
+                    "on 127.0.0.1), saving federated/flower_check with the largest parameter difference; needs the\n"
+                    "'flower' extra (pip install \"gradiv_lib[flower]\") and at most 16 clients, e.g.\n"
+                    "  gradiv federated --flower --servers fedaware --clients 3 --per-round 2 --rounds 3")
     p.add_argument("--servers", nargs="+", default=["fedavg", "fedaware"], metavar="SERVER",
                    choices=["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedaware"],
                    help="server optimizers, one run each: fedavg fedprox fedavgm fedadam fedyogi fedaware")
@@ -190,8 +200,9 @@ def _add_federated(sub: Any) -> None:
     p.add_argument("--local-work", choices=["hetero+", "steps10"], default="hetero+",
                    help="hetero+: epochs 2-5 and batch sizes drawn per client per round; steps10: 10 steps of batch 10")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="clients' learning rate")
-    p.add_argument("--flower", action="store_true", help="run over Flower (gRPC on 127.0.0.1) instead of the simulator")
-    p.add_argument("--name", help="result name under federated/ (default: digits_<servers>)")
+    p.add_argument("--flower", action="store_true",
+                   help="compare the simulator with a Flower deployment on 127.0.0.1 (SuperLink + one SuperNode per client)")
+    p.add_argument("--name", help="result name under federated/ (default: digits_<servers>; flower_check with --flower)")
     _run_options(p, device=False)
 
 
@@ -316,7 +327,7 @@ def _canonical(argv: Sequence[str]) -> str:
     return shlex.join([PROG, *kept])
 
 
-def _set_threads(args: argparse.Namespace, *, big: bool) -> int:
+def _set_threads(args: argparse.Namespace, *, big: bool, processes: int = 1) -> int:
     import torch
 
     if args.threads:
@@ -326,7 +337,7 @@ def _set_threads(args: argparse.Namespace, *, big: bool) -> int:
 
         threads = default_threads()
     else:
-        threads = min(8, os.cpu_count() or 1) if big else 1
+        threads = max(1, min(8, (os.cpu_count() or 1) // processes)) if big else 1
     torch.set_num_threads(threads)
     return threads
 
@@ -378,23 +389,121 @@ def _cmd_divebatch(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("--book is the digits run; it does not combine with --full")
     out = _out(args)
     device = _resolve_device(args.device)
-    _set_threads(args, big=args.full)
-    if args.full and device.type == "cpu":
+    mode = _parallel_mode(args.nproc)
+    if mode == "spawn":
+        return _spawn_command("divebatch", args, device)
+    if mode == "torchrun":
+        return _under_torchrun(lambda dev: _run_divebatch(args, out, dev), device)
+    return _run_divebatch(args, out, device)
+
+
+def _run_divebatch(args: argparse.Namespace, out: Path, device: Any) -> int:
+    rank, world = _rank_and_world()
+    _set_threads(args, big=args.full, processes=world)
+    if args.full and device.type == "cpu" and rank == 0:
         print("warning: --full on a CPU: ResNet-18 on CIFAR takes days; use a GPU (--device cuda)", file=sys.stderr)
     from .experiments import divebatch
 
     start = time.perf_counter()
-    path, payload = divebatch.run(args.dataset, full=args.full, root=args.root, seeds=args.seeds, methods=args.methods,
-                                  device=device, out=out, name=args.name, checkpoint_dir=args.checkpoint_dir,
-                                  download=args.download, progress=not args.no_progress, epochs=args.epochs,
-                                  delta=args.delta, resize_every=args.resize_every, lr_cap=args.lr_cap)
+    with _rank_out(out, rank) as where:
+        path, payload = divebatch.run(args.dataset, full=args.full, root=args.root, seeds=args.seeds,
+                                      methods=args.methods, device=device, out=where, name=args.name,
+                                      checkpoint_dir=args.checkpoint_dir, download=args.download,
+                                      progress=not args.no_progress, epochs=args.epochs, delta=args.delta,
+                                      resize_every=args.resize_every, lr_cap=args.lr_cap)
+    if rank:
+        return 0
     rows = [f"{k:>16}: " + ", ".join(f"{m} {v:.4g}" for m, v in row.items() if m in
                                       ("final_test_accuracy", "steps_to_target", "total_steps"))
             for k, row in payload["data"]["summary"].items()]
+    on = f", {world} processes" if world > 1 else ""
     _summary(f"divebatch on {args.dataset} ({len(payload['config']['methods'])} methods x "
-             f"{len(payload['config']['seeds'])} seeds, {payload['machine']['device']})", path,
+             f"{len(payload['config']['seeds'])} seeds, {payload['machine']['device']}{on})", path,
              time.perf_counter() - start, rows)
     return 0
+
+
+# ---- several processes (data parallel) --------------------------------------------------------
+
+def _parallel_mode(nproc: int) -> str:
+    """``"process"`` (one process, or one of a group already started), ``"torchrun"`` (RANK/WORLD_SIZE set, the group
+    not yet initialised) or ``"spawn"`` (``--nproc`` > 1: start the processes here)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return "process"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    return "spawn" if nproc > 1 else "process"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _under_torchrun(run: Any, device: Any) -> int:
+    """One process of a ``torchrun`` launch: join the group (nccl on CUDA, one GPU per process; gloo otherwise), run
+    ``run(device)``, leave the group."""
+    import datetime as dt
+
+    import torch
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise CLIError(f"process LOCAL_RANK={local} has no GPU: this machine has {torch.cuda.device_count()}; "
+                           "launch at most that many processes per node (torchrun --nproc-per-node)")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dt.timedelta(minutes=30))
+    try:
+        return run(device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_command(command: str, args: argparse.Namespace, device: Any) -> int:
+    """``--nproc K``: start K gloo processes on 127.0.0.1 that each run this command line."""
+    if device.type != "cpu":
+        raise CLIError(f"--nproc starts gloo processes on the CPU; for {device.type.upper()} devices launch one process "
+                       f"per GPU with: torchrun --standalone --nproc-per-node {args.nproc} -m gradiv_lib {command} "
+                       f"--device {device.type} ...")
+    from .workers.distributed import spawn
+
+    print(f"gradiv {command}: starting {args.nproc} data-parallel processes (gloo on 127.0.0.1) ...", flush=True)
+    spawn(_spawned_main, args.nproc, args=(args._argv,), backend="gloo", threads=args.threads or 1, timeout=7 * 24 * 3600.0)
+    return 0
+
+
+def _spawned_main(rank: int, world: int, argv: Sequence[str]) -> None:
+    """:func:`~gradiv_lib.workers.spawn` target: one process of ``--nproc`` (the group is initialised)."""
+    status = main(list(argv))
+    if status:
+        raise RuntimeError(f"process {rank} of {world} ended with status {status}")
+
+
+class _rank_out:
+    """The folder a process writes its result into: ``out`` on process 0, a temporary folder (removed) elsewhere."""
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.out, self.rank, self._tmp = out, rank, None
+
+    def __enter__(self) -> Path:
+        if self.rank == 0:
+            return self.out
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"gradiv-rank{self.rank}-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 #: The quick mode of ``gradiv width`` (what it changes in the preset).
@@ -461,14 +570,29 @@ def _cmd_federated(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--per-round {args.per_round} is more than --clients {args.clients}")
     out = _out(args)
     _set_threads(args, big=False)
-    if args.flower:
-        from .flower import require_flwr
-
-        require_flwr()
-    from .experiments import federated_runs
-
     rounds = args.rounds or (300 if args.full else 30)
     start = time.perf_counter()
+    if args.flower:
+        from .experiments import flower_check
+
+        if args.clients > flower_check.MAX_CLIENTS:
+            parser.error(f"--flower starts one SuperNode process per client: --clients {args.clients} is more than "
+                         f"{flower_check.MAX_CLIENTS} (e.g. --clients 3 --per-round 2 --rounds 3)")
+        from .federated.flower import require_flwr
+
+        require_flwr()
+        path, payload = flower_check.run(servers=args.servers, rounds=rounds, n_clients=args.clients,
+                                         per_round=args.per_round, alpha=args.alpha, local_work=args.local_work,
+                                         lr=args.lr, seeds=args.seeds, out=out, name=args.name,
+                                         progress=not args.no_progress)
+        rows = [f"{k:>10}: largest parameter difference to the simulator {v['max_abs_diff']:.1e}"
+                for k, v in payload["data"]["summary"].items()]
+        _summary(f"federated over Flower ({', '.join(payload['config']['servers'])}; {rounds} rounds, "
+                 f"{args.clients} clients)", path,
+                 time.perf_counter() - start, rows)
+        return 0
+    from .experiments import federated_runs
+
     path, payload = federated_runs.run(servers=args.servers, rounds=rounds, n_clients=args.clients,
                                        per_round=args.per_round, alpha=args.alpha, local_work=args.local_work,
                                        lr=args.lr, seeds=args.seeds, flower=args.flower, out=out, name=args.name,
@@ -606,6 +730,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     from . import results
 
     results._command = _canonical(argv)
+    args._argv = argv   # what --nproc's processes run
     try:
         return _COMMANDS[args.command](args, sub)
     except KeyboardInterrupt:

@@ -91,6 +91,9 @@ def machine_info(device: Any = None) -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():   # a data-parallel run
+        info["processes"] = torch.distributed.get_world_size()
+        info["backend"] = torch.distributed.get_backend()
     return info
 
 

@@ -236,7 +236,15 @@ def test_state_dict_survives_weights_only_load():
     (lambda: DiveBatch(64, 32), "batch_size must be <= max_batch_size = 32, got 64"),
     (lambda: DiveBatch(4, 64, delta=0), "delta must be a finite number > 0, got 0"),
     (lambda: DiveBatch(4, 64, delta=-0.1), "delta must be a finite number > 0, got -0.1"),
-    (lambda: DiveBatch(4, 64, lr_rule="cubic"), "lr_rule must be one of 'none', 'linear', 'sqrt'; got 'cubic'"),
+    (lambda: DiveBatch(4, 64, lr_rule="cubic"),
+     r"lr_rule must be one of 'none', 'linear', 'sqrt' \(or 'ratio' with rule='cifar100_ratio'\); got 'cubic'"),
+    (lambda: DiveBatch(4, 64, rule="cifar100"), "rule must be one of 'cifar10', 'cifar100_ratio'; got 'cifar100'"),
+    (lambda: DiveBatch(4, 64, rule="cifar100_ratio", delta=0.01), r"delta is not used by rule='cifar100_ratio'.*got delta=0.01"),
+    (lambda: DiveBatch(4, 64, lr_rule="ratio"), r"lr_rule='ratio' .* belongs to rule='cifar100_ratio', not rule='cifar10'"),
+    (lambda: batching.cifar100_code_lr(0.1, 0, 128, 1.0), "batch_size must be an integer >= 1, got 0"),
+    (lambda: batching.cifar100_code_lr(0.1, 256, 128, 0.0), "step_factor must be a finite number > 0, got 0.0"),
+    (lambda: batching.cifar100_code_lr_scheduler((120, 60)), r"milestones must be strictly increasing, got \[120, 60\]"),
+    (lambda: batching.cifar100_code_lr_scheduler(gamma=2.0), r"gamma must be in \(0, 1\], got 2.0"),
     (lambda: DiveBatch(4, 64, lr_cap=0.5), "lr_cap .* must be >= 1, got 0.5"),
     (lambda: DiveBatch(4, 64, resize_every=0), "resize_every must be an integer >= 1, got 0"),
     (lambda: DiveBatch(4, 64, min_batch_size=128), "min_batch_size must be <= max_batch_size = 64, got 128"),
@@ -255,3 +263,29 @@ def test_end_epoch_must_match_begin_epoch():
     s.begin_epoch(0)
     with pytest.raises(ValueError, match="does not match begin_epoch"):
         s.end_epoch(1)
+
+
+def test_cifar100_code_lr_scheduler_in_the_training_loop_gives_the_code_rates():
+    """train() with lr_rule="linear" and MultiStepLR(γ²) runs at η0 (B/B0) γ^(2k) in every epoch, k = milestones passed."""
+    from gradiv_lib.training import train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    y = x @ torch.randn(5, 1, generator=g) + 0.5 * torch.randn(64, 1, generator=g)
+    model = nn.Linear(5, 1)
+    schedule = DiveBatch(2, 32, delta=1.0, resize_every=2, lr_rule="linear")
+    milestones, gamma, lr0 = (3, 5), 0.5, 0.01
+    h = train(model, (x, y), schedule=schedule, epochs=7, lr=lr0, loss_fn=nn.MSELoss(),
+              lr_scheduler=batching.cifar100_code_lr_scheduler(milestones, gamma), progress=False)
+    assert len(set(h.batch_size)) > 1  # the batch grew: the rescale is exercised
+    for epoch, (lr, b) in enumerate(zip(h.lr, h.batch_size)):
+        k = sum(m <= epoch for m in milestones)  # scheduler steps taken before this epoch: `epoch`
+        assert lr == pytest.approx(batching.cifar100_code_lr(lr0, b, 2, gamma ** k), rel=1e-12)
+
+
+def test_cifar100_config_uses_the_final_cifar100_rule():
+    from gradiv_lib.experiments import divebatch
+
+    config = divebatch.CONFIGS["cifar100"]
+    schedule, lr = divebatch.make_schedule("divebatch_linear", config)
+    assert (schedule.rule, schedule.delta, schedule.resize_every, schedule.lr_rule, lr) == ("cifar10", 0.01, 20, "linear", 0.1)

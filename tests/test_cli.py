@@ -95,6 +95,7 @@ def test_help_is_plain_text_without_loops(sub, capsys):
     (["divebatch", "--methods", "lars"], "usage: gradiv divebatch", "invalid choice: 'lars'"),
     (["plasticity"], "usage: gradiv plasticity", "required: experiment"),
     (["federated", "--per-round", "200"], "usage: gradiv federated", "more than --clients 100"),
+    (["federated", "--flower", "--clients", "20"], "usage: gradiv federated", "--clients 20 is more than 16"),
     (["workers", "--steps", "0"], "usage: gradiv workers", "--steps must be >= 1"),
     (["divebatch", "--device", "gpu"], "usage: gradiv divebatch", "unknown device 'gpu'"),
     (["nope"], "usage: gradiv", "invalid choice: 'nope'"),

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from gradiv_lib.batching import AdaBatch, DiveBatch, FixedBatch, NoiseScaleBatch, lr_multiplier
+from gradiv_lib.batching import AdaBatch, DiveBatch, FixedBatch, NoiseScaleBatch, cifar100_code_lr, lr_multiplier
 
 
 def _epoch(schedule, epoch, batches):
@@ -124,6 +124,82 @@ def test_divebatch_sum_reduction_is_not_rescaled_twice():
     s.observe(n=10, grad=g.sum(0), sq_norms=g.square().sum(1), grad_reduction="sum")
     s.end_epoch(0)
     assert s.last_measurement.batch_size_bound == 10.0 and s.batch_size == 7
+
+
+def _grads_with_diversity(diversity: float, n: int) -> torch.Tensor:
+    """n (even) per-sample gradients (1, ±b) with b² = nΔ - 1: sum of squares n·nΔ, squared norm of the sum n², so Δ̂ = Δ."""
+    g = torch.ones(n, 2, dtype=torch.float64)
+    b = math.sqrt(n * diversity - 1)
+    g[: n // 2, 1], g[n // 2:, 1] = b, -b
+    return g
+
+
+def _run(schedule, diversities, n):
+    """Epochs 0, 1, ...; each measurement epoch sees the next Δ̂ of ``diversities``. Returns (B, lr_scale) after each."""
+    todo, seen, epoch = list(diversities), [], 0
+    while todo:
+        schedule.begin_epoch(epoch)
+        if schedule.needs_diversity:
+            g = _grads_with_diversity(todo.pop(0), n)
+            schedule.observe(n=n, grad=g.mean(0), sq_norms=g.square().sum(1))
+        else:
+            schedule.observe(n=n)
+        if schedule.end_epoch(epoch) is not None or schedule.measurements and schedule.measurements[-1][0] == epoch:
+            seen.append((schedule.batch_size, schedule.lr_scale))
+        epoch += 1
+    return seen
+
+
+def test_divebatch_cifar10_rule_by_hand_on_cifar_sizes():
+    """CIFAR-10 script: B' = min(max(int(δ N Δ̂), B), B_max), lr × B'/B (N = 50 000, δ = 0.1, 128 → 2048, every 20 epochs).
+
+    Δ̂ = 0.02: δNΔ̂ = 100 < 128, stays (lr ×1); 0.05123: 256.15 → 256 (lr ×2); 0.10003: 500.15 → 500
+    (lr ×500/256); 0.5: 2500 → 2048 (lr ×2048/500). The ratio rule would never move (all Δ̂ < 1), rounding
+    would give 257 after 256.7, and without the never-shrink max the first step would go to 100.
+    """
+    s = DiveBatch(128, 2048, delta=0.1, resize_every=20, lr_rule="linear").bind(50_000)
+    seen = _run(s, [0.02, 0.05123, 0.10003, 0.5], 50_000)
+    assert [b for b, _ in seen] == [128, 256, 500, 2048]
+    assert [lr for _, lr in seen] == pytest.approx([1.0, 2.0, 500 / 128, 16.0], rel=1e-12)
+    assert [e for e, _ in s.measurements] == [19, 39, 59, 79]
+    # the final CIFAR-100 script: the same rule with δ = 0.01 on its logged Δ̂ 3.5506, then 5.0
+    s = DiveBatch(128, 2048, delta=0.01, resize_every=20, lr_rule="linear").bind(50_000)
+    assert _run(s, [3.5506, 5.0], 50_000) == [(1775, pytest.approx(1775 / 128, rel=1e-12)), (2048, pytest.approx(16.0))]
+
+
+def test_divebatch_cifar100_ratio_rule_reproduces_the_authors_logs():
+    """Early CIFAR-100 script (commit 7605f00): B' = min(int(B · max(Δ̂, 1)), B_max), its lr × max(Δ̂, 1).
+
+    Its logs (ResNet-18, B 128 → 2048): with a resize every 10 epochs, Δ̂ = 4.9654 then 3.5506 give
+    128 → int(635.57) = 635 → min(2254.6, 2048) = 2048 (a true ratio Δ̂_new/Δ̂_old < 1 would keep 635,
+    rounding would give 636); every epoch, Δ̂ = 0.0935, 7.8004, 1.2259, 2.1806 give 128, 998, 1223, 2048
+    (a true ratio would stay at 998). The learning rate is multiplied by Δ̂ itself: 4.9654 · 3.5506 = 17.630...,
+    not 2048/128 = 16.
+    """
+    s = DiveBatch(128, 2048, rule="cifar100_ratio", resize_every=10, lr_rule="ratio").bind(2048)
+    seen = _run(s, [4.9654, 3.5506], 2048)
+    assert [b for b, _ in seen] == [635, 2048]
+    assert [lr for _, lr in seen] == pytest.approx([4.9654, 4.9654 * 3.5506], rel=1e-12)
+    assert [e for e, _ in s.measurements] == [9, 19]
+    s = DiveBatch(128, 2048, rule="cifar100_ratio", resize_every=1, lr_rule="linear").bind(2048)
+    seen = _run(s, [0.0935, 7.8004, 1.2259, 2.1806], 2048)
+    assert [b for b, _ in seen] == [128, 998, 1223, 2048]
+    assert seen[-1][1] == pytest.approx(16.0, rel=1e-12)  # linear: the batch ratio, 2048/128
+    assert s.delta is None
+
+
+def test_cifar100_code_lr_by_hand():
+    """Final CIFAR-100 script with --adaptive_lr: η = η0 (B/B0) s², s = 0.2^k after k of the milestones 60, 120, 160.
+
+    B = 1775 after epoch 20, 2048 after epoch 40: epoch 21 runs at 0.1 · 1775/128 = 1.38671875; epoch 61 at
+    0.1 · 16 · 0.2² = 0.064 (the CIFAR-10 script's once-applied factor would give 0.32); epoch 121 at
+    0.1 · 16 · 0.04² = 0.00256; epoch 161 at 0.1 · 16 · 0.04³ = 0.0001024.
+    """
+    assert cifar100_code_lr(0.1, 128, 128, 1.0) == 0.1
+    assert cifar100_code_lr(0.1, 1775, 128, 1.0) == pytest.approx(1.38671875, rel=1e-15)
+    assert cifar100_code_lr(0.1, 2048, 128, 0.2) == pytest.approx(0.064, rel=1e-12)
+    assert cifar100_code_lr(0.1, 2048, 128, 0.2 ** 2) == pytest.approx(0.00256, rel=1e-12)
+    assert cifar100_code_lr(0.1, 2048, 128, 0.2 ** 3) == pytest.approx(0.0001024, rel=1e-12)
 
 
 # The schedule corrects for batches drawn without replacement from its N = 1000 samples: c_B = (N - B) / (B (N - 1)).

@@ -401,3 +401,26 @@ def test_partitions_plug_in():
                            fed.LocalWork(lr=0.1, batch_size=(2, None), epochs=(1, 2)))
         h = fed.run_federated(f, "fedaware", 3, per_round=4)
         assert np.isfinite(h["train_loss"]).all()
+
+
+def test_one_client_federation_of_its_own_shard_draws_what_the_full_one_draws():
+    full = _federation()
+    data = _data()
+    for i in (2, 5):
+        shard = torch.from_numpy(full.shards[i])
+        alone = fed.Federation(mlp(6, 8, 2, 3, seed=0).double(), (data.x[shard], data.y[shard]),
+                               [torch.arange(len(shard))], full.local, seed=0, client_ids=[i])
+        rows, info = alone.plan(0, 3)
+        ref_rows, ref_info = full.plan(i, 3)
+        assert info == ref_info
+        local = rows >= 0
+        np.testing.assert_array_equal(local, ref_rows >= 0)
+        np.testing.assert_array_equal(full.shards[i][rows[local]], ref_rows[local])  # the same samples, same order
+        x = full.initial_params()
+        np.testing.assert_allclose(alone.local_updates(x, [0], 3)[0].numpy(), full.local_updates(x, [i], 3)[0].numpy(),
+                                   rtol=0, atol=1e-14)
+        wrong = fed.Federation(mlp(6, 8, 2, 3, seed=0).double(), (data.x[shard], data.y[shard]),
+                               [torch.arange(len(shard))], full.local, seed=0)  # seeded as client 0
+        assert not np.array_equal(full.shards[i][wrong.plan(0, 3)[0].clip(0)], ref_rows.clip(0))
+    with pytest.raises(ValueError, match=r"client_ids must be 8 distinct non-negative integers .* got \[0, 0"):
+        fed.Federation(mlp(6, 8, 2, 3, seed=0).double(), data, full.shards, full.local, client_ids=[0, 0, 1, 2, 3, 4, 5, 6])

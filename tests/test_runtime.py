@@ -154,7 +154,7 @@ assert not [m for m in {HEAVY!r} if m in sys.modules], [m for m in {HEAVY!r} if 
 assert "torch" not in sys.modules                      # nothing at all until a name is used
 for name in {VERBS!r}:
     assert name in gl.__all__ and getattr(gl, name) is not None, name
-assert callable(gl.train) and gl.train.__module__ == "gradiv_lib.training"
+assert callable(gl.train) and gl.train.__module__ == "gradiv_lib.training.loop"
 import gradiv_lib.training, gradiv_lib.norms, gradiv_lib.data, gradiv_lib.workers, gradiv_lib.federated
 import gradiv_lib.plasticity, gradiv_lib.sharpness, gradiv_lib.scaling, gradiv_lib.results, gradiv_lib.flower
 assert callable(gl.train)                               # importing the module does not shadow the function

@@ -5,7 +5,8 @@
 * ``width`` (chapter 3, :mod:`gradiv_lib.experiments.width`): gradient diversity and the large-batch knee across a
   fixed-parameter-budget family of depths and widths.
 * ``plasticity`` (chapter 8, :mod:`gradiv_lib.experiments.continual`): regularizers against loss of plasticity.
-* ``federated`` (chapter 7, :mod:`gradiv_lib.experiments.federated_runs`): server optimizers on skewed clients.
+* ``federated`` (chapter 7, :mod:`gradiv_lib.experiments.federated_runs`): server optimizers on skewed clients;
+  with ``--flower`` (:mod:`gradiv_lib.experiments.flower_check`) the simulator against a Flower deployment.
 
 Each writes a small JSON (configuration, command, versions, commit, device, seconds, results) with
 :func:`gradiv_lib.results.save` under ``./gradiv-results`` (or ``--out DIR``) and prints its path. The results
@@ -18,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = ("continual", "divebatch", "federated_runs", "regenerate", "registry", "width")
+_MODULES = ("continual", "divebatch", "federated_runs", "flower_check", "regenerate", "registry", "width")
 
 #: Experiment name → module with a ``run(...)`` function.
 EXPERIMENT_MODULES = {"divebatch": "divebatch", "width": "width", "plasticity": "continual",

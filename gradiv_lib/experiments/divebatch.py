@@ -93,6 +93,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "cifar100": dict(
         dataset="cifar100", num_classes=100, model="resnet18 (BatchNorm)", epochs=200, initial_batch_size=128, max_batch_size=2048,
         lr=0.1, momentum=0.9, weight_decay=5e-4, lr_scheduler="multistep 60,120,160 x0.2", delta=0.01,
+        # the batch rule of the authors' final CIFAR-100 train.py (floor(δ N Δ̂), δ = 0.01), not their early ratio rule
+        # (batching.DiveBatch rule="cifar100_ratio"); its --adaptive_lr runs applied the step factor twice
+        # (batching.cifar100_code_lr: 0.04 per milestone), here the linear rescale rides the 0.2 schedule once
+        divebatch_rule="cifar10",
         resize_every=20, lr_cap=None, target_accuracy=0.7, seeds=[0], augment=True,
         methods=["sgd_small", "sgd_large", "adabatch", "adabatch_linear", "divebatch", "divebatch_linear"],
     ),
@@ -129,7 +133,8 @@ def make_schedule(method: str, config: dict[str, Any], lr: float | None = None) 
     if spec["kind"] == "adabatch":
         return batching.AdaBatch(b0, bmax, resize_every=config["resize_every"], lr_rule=spec["lr_rule"],
                                  lr_cap=config["lr_cap"]), lr
-    return batching.DiveBatch(b0, bmax, delta=spec.get("delta", config["delta"]), resize_every=config["resize_every"],
+    return batching.DiveBatch(b0, bmax, rule=config.get("divebatch_rule", "cifar10"),
+                              delta=spec.get("delta", config["delta"]), resize_every=config["resize_every"],
                               lr_rule=spec["lr_rule"], lr_cap=config["lr_cap"]), lr
 
 

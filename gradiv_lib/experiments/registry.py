@@ -74,6 +74,10 @@ SHIPPED: tuple[Shipped, ...] = (
             minutes=9),
     Shipped("ch08/random_labels_quick", "gradiv plasticity random_labels", "gradiv_lib/experiments/continual.py",
             cheap=True, minutes=0.5),
+    # chapter 7.4: the simulator against a real Flower deployment (a SuperLink and three SuperNodes on 127.0.0.1)
+    Shipped("federated/flower_check",
+            "gradiv federated --flower --servers fedaware --clients 3 --per-round 2 --rounds 3 --seeds 1",
+            "gradiv_lib/experiments/flower_check.py", minutes=1.5),
     # benchmarks (chapters 2, 6 and 7): timings, compared by structure only
     Shipped("benchmarks/workers_cpu", "gradiv bench workers", "benchmarks/bench_workers.py", compare="structure",
             ignore=("backend_chosen", "gate_max_abs_diff"), minutes=1),

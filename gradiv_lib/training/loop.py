@@ -22,6 +22,9 @@ device, so the batch size can change between epochs at no cost) or any map-style
   generators, history) is written atomically after every epoch and a later call with the same arguments
   resumes from it; a resumed run gives the same history as an uninterrupted one (except wall-clock
   seconds).
+* on several processes (``torch.distributed`` initialised, e.g. by ``torchrun``) every process takes its
+  slice of each global batch and the gradients, the loss and the per-sample squared norms are all-reduced, so
+  the run is the one-process run of the same global batches (:mod:`gradiv_lib.training.distributed`).
 
 Randomness: the batch order (and ``transform``'s draws) come from a private generator seeded with
 ``seed``; the global torch RNG (dropout, ...) is forked and seeded with ``seed`` too, so the caller's
@@ -34,7 +37,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,270 +44,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batching import BatchSchedule, FixedBatch, Resize
-from .results import save_checkpoint as write_checkpoint
-from .data import InMemoryData
-from .mapstyle import MapStyleData
-from .diversity import DiversityResult, EpochDiversityAccumulator
+from ..batching import BatchSchedule, FixedBatch, Resize
+from ..results import save_checkpoint as write_checkpoint
+from ..data import InMemoryData
+from ..diversity import DiversityResult, EpochDiversityAccumulator
+from .distributed import DataParallel
+from .evaluation import _as_data, _default_loss, _head, _is_classification, evaluate
+from .history import History
+from .options import _apply_lr_factor, _build_lr_scheduler, _build_optimizer
 
-__all__ = ["CHECKPOINT_FORMAT", "OPTIMIZERS", "History", "evaluate", "train"]
+__all__ = ["CHECKPOINT_FORMAT", "train"]
 
-#: Optimizers :func:`train` builds from a name.
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 #: Version of the checkpoint layout written by :func:`train`.
 CHECKPOINT_FORMAT = 1
-_LR_SCHEDULERS = ("constant", "cosine")
 _NONFINITE = ("raise", "stop")
 _TARGET_ON = ("test", "train")
 
 
 # --------------------------------------------------------------------------------------------
-# History
+# Helpers of the loop
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class History:
-    """What :func:`train` measured, one entry per finished epoch (lists of equal length).
-
-    Attributes
-    ----------
-    epoch : list of int
-        0-based epoch index.
-    train_loss, train_accuracy : list of float
-        Mean loss and accuracy over the epoch's batches, at the weights current for each batch
-        (accuracy ``nan`` for regression).
-    test_loss, test_accuracy : list of float
-        On ``test_data`` at the end of the epoch (``nan`` without test data).
-    batch_size : list of int
-        Batch size used in the epoch.
-    lr : list of float
-        Learning rate of the first param group during the epoch.
-    lr_scale : list of float
-        The schedule's cumulative learning-rate multiplier during the epoch.
-    diversity, batch_size_bound : list of float
-        :math:`\\hat\\Delta` accumulated over the epoch and :math:`N\\hat\\Delta` (``nan`` when not measured).
-    steps, samples : list of int
-        Cumulative optimizer steps and training samples processed at the end of the epoch.
-    seconds : list of float
-        Cumulative wall-clock seconds of training (evaluation and checkpoints excluded).
-    resizes : list of dict
-        Every :class:`~gradiv_lib.batching.Resize`, as a dictionary.
-    schedule : str
-        Name of the batch-size schedule.
-    target_accuracy : float or None
-        The target, and ``target_on`` (``"test"`` or ``"train"``) the accuracy it is checked on.
-    epoch_to_target, steps_to_target, samples_to_target, seconds_to_target
-        Cumulative values at the first evaluation that reached the target (``None`` if never): the end
-        of an epoch, or with ``eval_every`` also an evaluation between the steps of an epoch
-        (``epoch_to_target`` is then the epoch in which it happened).
-    eval_every : int or None
-        With ``train(eval_every=k)``: ``test_data`` is also evaluated after every ``k``-th optimizer
-        step (counted over the whole run), and ``eval_epoch``, ``eval_steps``, ``eval_samples``,
-        ``eval_seconds``, ``eval_test_loss``, ``eval_test_accuracy`` hold one entry per such evaluation:
-        the epoch, the cumulative steps and samples, the cumulative training seconds (evaluations
-        excluded) and the test loss and accuracy at that moment.
-    diverged : bool
-        The loss became non-finite and the run stopped (``on_nonfinite="stop"``).
-    """
-
-    epoch: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    train_accuracy: list[float] = field(default_factory=list)
-    test_loss: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
-    batch_size: list[int] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    lr_scale: list[float] = field(default_factory=list)
-    diversity: list[float] = field(default_factory=list)
-    batch_size_bound: list[float] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    samples: list[int] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    resizes: list[dict[str, Any]] = field(default_factory=list)
-    schedule: str = ""
-    target_accuracy: float | None = None
-    target_on: str = "test"
-    epoch_to_target: int | None = None
-    steps_to_target: int | None = None
-    samples_to_target: int | None = None
-    seconds_to_target: float | None = None
-    diverged: bool = False
-    eval_every: int | None = None
-    eval_epoch: list[int] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_samples: list[int] = field(default_factory=list)
-    eval_seconds: list[float] = field(default_factory=list)
-    eval_test_loss: list[float] = field(default_factory=list)
-    eval_test_accuracy: list[float] = field(default_factory=list)
-
-    #: Names of the per-epoch lists.
-    PER_EPOCH = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "batch_size", "lr",
-                 "lr_scale", "diversity", "batch_size_bound", "steps", "samples", "seconds")
-
-    def __len__(self) -> int:
-        return len(self.epoch)
-
-    @property
-    def reached_target(self) -> bool:
-        """Whether the target accuracy was reached."""
-        return self.epoch_to_target is not None
-
-    def final(self, key: str) -> Any:
-        """Last value of a per-epoch list, e.g. ``history.final("test_accuracy")``."""
-        if key not in self.PER_EPOCH:
-            raise KeyError(f"key must be one of {self.PER_EPOCH}, got {key!r}")
-        values = getattr(self, key)
-        if not values:
-            raise ValueError("the history is empty (no finished epoch)")
-        return values[-1]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers (JSON and ``torch.load(weights_only=True)`` safe)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> History:
-        """Inverse of :meth:`to_dict`."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(state) - names
-        if unknown:
-            raise ValueError(f"unknown History fields {sorted(unknown)}")
-        return cls(**{k: (list(v) if isinstance(v, list) else v) for k, v in state.items()})
-
-    def _append(self, **row: Any) -> None:
-        for key in self.PER_EPOCH:
-            getattr(self, key).append(row[key])
-
-    def __repr__(self) -> str:
-        if not self.epoch:
-            return "History(empty)"
-        target = f", steps_to_target={self.steps_to_target}" if self.target_accuracy is not None else ""
-        return (f"History({self.schedule}: {len(self)} epochs, batch {self.batch_size[0]}→{self.batch_size[-1]}, "
-                f"steps={self.steps[-1]}, test_accuracy={self.test_accuracy[-1]:.4f}{target})")
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _as_data(data: Any, name: str) -> InMemoryData | MapStyleData:
-    if isinstance(data, (InMemoryData, MapStyleData)):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return InMemoryData(data[0], data[1])
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        return MapStyleData(data)
-    raise TypeError(f"{name} must be InMemoryData, an (x, y) pair of tensors or a map-style torch Dataset "
-                    f"(wrap one in gradiv_lib.mapstyle.MapStyleData for DataLoader workers), got {type(data).__name__}")
-
-
-def _head(data: InMemoryData | MapStyleData, n: int) -> tuple[Tensor, Tensor]:
-    return data.head(n) if isinstance(data, MapStyleData) else (data.x[:n], data.y[:n])
-
-
-def _is_classification(data: InMemoryData | MapStyleData) -> bool:
-    y = _head(data, 1)[1]
-    return not y.dtype.is_floating_point and y.dim() == 1
-
-
-def _default_loss(data: InMemoryData) -> nn.Module:
-    return nn.CrossEntropyLoss() if _is_classification(data) else nn.MSELoss()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: InMemoryData | tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-             batch_size: int = 1024) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on ``data`` in eval mode (the model's mode is restored).
-
-    The loss is the mean over samples of ``loss_fn`` evaluated in batches of ``batch_size`` (a ``torch.nn``
-    loss with ``reduction="sum"`` is divided by the batch size; any other callable is taken to be a mean);
-    accuracy is ``nan`` for regression targets. Default loss: cross-entropy for integer labels, mean
-    squared error otherwise.
-    """
-    data = _as_data(data, "data")
-    if len(data) == 0:
-        raise ValueError("data is empty; evaluation needs at least one sample")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    loss_fn = loss_fn or _default_loss(data)
-    was_training = model.training
-    model.eval()
-    try:
-        total, correct = 0.0, 0
-        classify = _is_classification(data)
-        for xb, yb in data.batches(min(batch_size, len(data)), shuffle=False):
-            out = model(xb)
-            value = float(loss_fn(out, yb))
-            total += value if getattr(loss_fn, "reduction", "mean") == "sum" else value * len(xb)
-            if classify:
-                correct += int((out.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
-    n = len(data)
-    return total / n, (correct / n if classify else math.nan)
-
-
-def _build_optimizer(optimizer: Any, params: list[nn.Parameter], lr: float | None, momentum: float,
-                     weight_decay: float) -> torch.optim.Optimizer:
-    if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, an Optimizer or a factory; got {optimizer!r}")
-        if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
-            raise ValueError(f"lr must be a finite number > 0 with optimizer={optimizer!r}, got {lr!r}")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        if optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        if momentum:
-            raise ValueError(f"momentum={momentum} applies to optimizer='sgd' only; Adam's betas are fixed at (0.9, 0.999)")
-        cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, weight_decay=weight_decay)
-    if lr is not None or momentum or weight_decay:
-        raise ValueError(
-            "lr, momentum and weight_decay apply to a named optimizer ('sgd', 'adam', 'adamw'); with an "
-            "Optimizer instance or factory set them in the optimizer itself"
-        )
-    if isinstance(optimizer, torch.optim.Optimizer):
-        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if not any(id(p) in owned for p in params):
-            raise ValueError("optimizer does not hold any parameter of model; build it from model.parameters()")
-        return optimizer
-    if callable(optimizer):
-        built = optimizer(params)
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(built).__name__}")
-        return built
-    raise TypeError(f"optimizer must be a name, a torch.optim.Optimizer or a factory params -> Optimizer, got {type(optimizer).__name__}")
-
-
-def _build_lr_scheduler(lr_scheduler: Any, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
-    if lr_scheduler is None or lr_scheduler == "constant":
-        return None
-    if lr_scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if isinstance(lr_scheduler, str):
-        raise ValueError(f"lr_scheduler must be one of {_LR_SCHEDULERS}, a factory optimizer -> LRScheduler or None; got {lr_scheduler!r}")
-    if callable(lr_scheduler):
-        built = lr_scheduler(optimizer)
-        if not hasattr(built, "step") or not hasattr(built, "state_dict"):
-            raise TypeError(f"the lr_scheduler factory must return a torch LR scheduler, got {type(built).__name__}")
-        return built
-    raise TypeError(f"lr_scheduler must be a name, a factory optimizer -> LRScheduler or None, got {type(lr_scheduler).__name__}")
-
-
-def _apply_lr_factor(optimizer: torch.optim.Optimizer, lr_scheduler: Any, factor: float) -> None:
-    if factor == 1.0:
-        return
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * factor
-        if "initial_lr" in group:
-            group["initial_lr"] = group["initial_lr"] * factor
-    if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
-        lr_scheduler.base_lrs = [b * factor for b in lr_scheduler.base_lrs]
 
 
 def _loss_reduction(loss_fn: Any, model: nn.Module, xb: Tensor, yb: Tensor) -> str:
@@ -323,7 +81,7 @@ def _loss_reduction(loss_fn: Any, model: nn.Module, xb: Tensor, yb: Tensor) -> s
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
     if len(xb) == 1:
         return "mean"
-    from .norms import batch_loss_factor
+    from ..norms import batch_loss_factor
 
     was_training = model.training
     model.eval()
@@ -350,9 +108,11 @@ def _measure_separately(model: nn.Module, loss_fn: Any, xb: Tensor, yb: Tensor, 
     BatchNorm layers run in eval mode (running statistics: per-sample gradients are defined), and the
     batch is processed in chunks of at most ``chunk`` samples to bound memory; ``.grad`` is untouched.
     """
-    from .norms import DiversityMeter
+    from ..norms import DiversityMeter
 
     n = len(xb)
+    if n == 0:  # an empty slice of a global batch (several processes)
+        return torch.zeros(0, device=xb.device), [torch.zeros_like(p) for p in params]
     for m in batch_norms:
         m.eval()
     try:
@@ -381,6 +141,28 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+
+def _evaluate_between_steps(model: nn.Module, test: Any, loss_fn: Any, eval_batch_size: int, history: History,
+                            epoch: int, steps: int, samples: int, seconds_before: float, start: float,
+                            eval_time: float, device: torch.device, target: float | None) -> float:
+    """One step-granular evaluation (``train(eval_every=...)``): record it in ``history`` (and the target if this
+    is the first evaluation to reach it); returns the seconds it took, which do not count as training time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    loss, accuracy = evaluate(model, test, loss_fn, eval_batch_size)
+    history.eval_epoch.append(epoch)
+    history.eval_steps.append(steps)
+    history.eval_samples.append(samples)
+    history.eval_seconds.append(seconds_before + (now - start - eval_time))
+    history.eval_test_loss.append(loss)
+    history.eval_test_accuracy.append(accuracy)
+    if target is not None and history.epoch_to_target is None and accuracy >= target:
+        history.epoch_to_target = epoch
+        history.steps_to_target, history.samples_to_target = steps, samples
+        history.seconds_to_target = history.eval_seconds[-1]
+    return time.perf_counter() - now
 
 
 def train(
@@ -506,7 +288,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from .norms import DiversityMeter
+    from ..norms import DiversityMeter
 
     # ---- validation ------------------------------------------------------------------------
     if not isinstance(model, nn.Module):
@@ -544,6 +326,8 @@ def train(
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable (x, generator) -> x, got {type(transform).__name__}")
     device = torch.device(device) if device is not None else train_data.device
+    parallel = DataParallel.from_environment(device)  # None in one process; several: see distributed.py
+    progress = progress and (parallel is None or parallel.rank == 0)
     schedule.bind(len(train_data))
     train_data = train_data.to(device)
     test = None if test_data is None else _as_data(test_data, "test_data").to(device)
@@ -590,8 +374,15 @@ def train(
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
             history = History.from_dict(state["history"])
             start_epoch, finished = int(state["epoch"]), bool(state["finished"])
+        if parallel is not None:  # same settings everywhere, process 0's model, a dropout stream per process
+            parallel.start(model, {**config, "epochs": epochs, "start_epoch": start_epoch, "finished": finished,
+                                   "drop_last": drop_last, "measure_diversity": measure_diversity,
+                                   "measure_batch_size": measure_batch_size, "loss_reduction": reduction,
+                                   "n_test": None if test is None else len(test)}, seed, start_epoch)
 
         def save_checkpoint(completed: int, done: bool) -> None:
+            if parallel is not None and parallel.rank != 0:  # process 0 writes; the others wait until it is there
+                return parallel.barrier()
             write_checkpoint({
                 "format": CHECKPOINT_FORMAT, "config": config, "epoch": completed, "finished": done,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -601,6 +392,8 @@ def train(
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history.to_dict(),
             }, path)
+            if parallel is not None:
+                parallel.barrier()
 
         bar = tqdm(total=epochs, initial=start_epoch, disable=not progress or finished, desc=schedule.name, unit="epoch")
         try:
@@ -633,6 +426,8 @@ def train(
                 for xb, yb in train_data.batches(batch_size, shuffle=True, generator=generator, drop_last=drop_last):
                     if transform is not None:
                         xb = transform(xb, generator)
+                    if parallel is not None:  # this process's slice of the global batch
+                        xb, yb = parallel.local(xb, yb)
                     n = len(xb)
                     opt.zero_grad(set_to_none=True)
                     sq_norms = grads = None
@@ -653,6 +448,8 @@ def train(
                         out = model(xb)
                         loss = loss_fn(out, yb)
                         loss.backward()
+                    if parallel is not None:  # the global batch's gradient, loss, n and sum of per-sample norms
+                        loss, sq_norms, grads, n = parallel.reduce_step(params, loss, n, sq_norms, grads, reduction)
                     if want_grad:
                         if grads is None:
                             grads = [p.grad for p in params]
@@ -667,27 +464,16 @@ def train(
                     steps += 1
                     samples += n
                     if eval_every is not None and (steps_before + steps) % eval_every == 0:
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        now = time.perf_counter()
-                        step_loss, step_accuracy = evaluate(model, test, loss_fn, eval_batch_size)
-                        history.eval_epoch.append(epoch)
-                        history.eval_steps.append(steps_before + steps)
-                        history.eval_samples.append(samples_before + samples)
-                        history.eval_seconds.append(seconds_before + (now - start - eval_time))
-                        history.eval_test_loss.append(step_loss)
-                        history.eval_test_accuracy.append(step_accuracy)
-                        if (target_accuracy is not None and target_on == "test" and history.epoch_to_target is None
-                                and step_accuracy >= target_accuracy):
-                            history.epoch_to_target = epoch
-                            history.steps_to_target = history.eval_steps[-1]
-                            history.samples_to_target = history.eval_samples[-1]
-                            history.seconds_to_target = history.eval_seconds[-1]
-                        eval_time += time.perf_counter() - now
+                        eval_time += _evaluate_between_steps(model, test, loss_fn, eval_batch_size, history, epoch,
+                                                             steps_before + steps, samples_before + samples,
+                                                             seconds_before, start, eval_time, device,
+                                                             target_accuracy if target_on == "test" else None)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - start - eval_time
                 train_loss = float(loss_sum) / samples
+                if parallel is not None:  # the global count of correct predictions; process 0's buffers everywhere
+                    correct = parallel.end_epoch(model, correct)
                 train_accuracy = int(correct) / samples if classify else math.nan
                 result: DiversityResult | None = accumulator.result if accumulator is not None and accumulator.n else None
                 diverged = not math.isfinite(train_loss)
@@ -725,6 +511,8 @@ def train(
                     history.resizes.append(resize.to_dict())
                 history.diverged = diverged
                 finished = diverged or epoch + 1 == epochs or (stop_at_target and history.reached_target)
+                if parallel is not None:
+                    finished = parallel.agree(schedule, finished)
                 if path is not None and (finished or (epoch + 1) % checkpoint_every == 0):
                     save_checkpoint(epoch + 1, finished)
                 bar.update(1)
