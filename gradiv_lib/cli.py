@@ -104,17 +104,18 @@ def _add_divebatch(sub: Any) -> None:
                     "--full --dataset cifar10|cifar100 --root DIR: the DiveBatch authors' protocol (ResNet-18,\n"
                     "200 epochs, batch 128 to 2048; a GPU, hours). It checkpoints every epoch and resumes when\n"
                     "the same command is run again.")
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100"],
-                   help="digits (quick) or, with --full, cifar10 / cifar100")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist1d", "cifar10", "cifar100"],
+                   help="digits (quick), mnist1d (each method's learning rate tuned; minutes) or, with --full, "
+                        "cifar10 / cifar100")
     p.add_argument("--full", action="store_true", help="the paper's protocol on CIFAR (needs --root; meant for a GPU)")
     p.add_argument("--book", action="store_true", help="the run shipped with the book (the quick digits run)")
     p.add_argument("--root", metavar="DIR", help="folder holding the data set (CIFAR: the folder with cifar-10-batches-py)")
     p.add_argument("--download", action="store_true", help="download the data set into --root if it is missing")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    choices=["sgd_small", "sgd_large", "adabatch", "adabatch_linear", "divebatch", "divebatch_sqrt",
-                            "divebatch_linear"],
+                            "divebatch_linear", "divebatch_delta0.1"],
                    help="subset of sgd_small, sgd_large, adabatch, adabatch_linear, divebatch, divebatch_sqrt, "
-                        "divebatch_linear")
+                        "divebatch_linear, divebatch_delta0.1")
     p.add_argument("--epochs", type=_positive_int, help="override the number of epochs")
     p.add_argument("--delta", type=_positive_float, help="override DiveBatch's delta")
     p.add_argument("--resize-every", type=_positive_int, help="override the resize frequency (epochs)")
@@ -418,9 +419,9 @@ def _duration(seconds: float) -> str:
 def _cmd_divebatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.full and args.root is None:
         parser.error("--full needs --root DIR (the folder that holds the data set; add --download to fetch it)")
-    if args.full and args.dataset == "digits":
+    if args.full and args.dataset in ("digits", "mnist1d"):
         parser.error("--full runs on cifar10 or cifar100; add --dataset cifar10")
-    if not args.full and args.dataset != "digits":
+    if not args.full and args.dataset not in ("digits", "mnist1d"):
         parser.error(f"--dataset {args.dataset} is the full protocol: add --full and --root DIR")
     if args.full and args.book:
         parser.error("--book is the digits run; it does not combine with --full")

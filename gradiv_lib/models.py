@@ -6,7 +6,8 @@ Chapters that use it:
 * ch. 3 (width vs large-batch training, Chen et al., NeurIPS 2018) — :func:`deep_linear`,
   :func:`width_for_budget` and :func:`fixed_budget_family`, which trade width for depth at an
   (almost) equal number of parameters;
-* ch. 4 (DiveBatch) — :func:`resnet18_cifar`, the network of the CIFAR and Tiny-ImageNet runs.
+* ch. 4 (DiveBatch) — :func:`resnet18_cifar`, the network of the CIFAR and Tiny-ImageNet runs, and
+  :func:`cnn1d`, the network of the MNIST-1D comparison.
 
 Every model is built from layers the per-sample norm engine supports (``Linear``, ``Conv2d``,
 ``GroupNorm``, ``BatchNorm2d`` in eval mode) plus parameter-free layers, and activations are never
@@ -33,6 +34,7 @@ __all__ = [
     "FamilyMember",
     "ResNetCIFAR",
     "cnn",
+    "cnn1d",
     "count_parameters",
     "deep_linear",
     "fixed_budget_family",
@@ -239,6 +241,45 @@ def cnn(
             layers.append(ACTIVATIONS[activation]())
             channels = width
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def cnn1d(
+    in_channels: int,
+    width: int,
+    depth: int,
+    num_classes: int,
+    length: int,
+    kernel_size: int = 5,
+    activation: str = "relu",
+    seed: int | None = None,
+) -> nn.Sequential:
+    r"""Small 1-D convolutional network for sequences such as MNIST-1D (input ``(N, in_channels, length)``).
+
+    ``depth`` blocks ``Conv1d(kernel_size, stride 2, padding kernel_size // 2) → activation`` of ``width``
+    channels (with biases, no normalisation), each halving the length (rounding up), then ``Flatten`` and a
+    linear classifier on the ``width × L_out`` features, :math:`L_{\text{out}} = \lceil \text{length} /
+    2^{\text{depth}} \rceil`. Flattening keeps the position information that global pooling would discard
+    (the MNIST-1D reference CNN of Greydanus, 2020, is of this kind: three stride-2 convolutions of 25
+    channels). Every layer is supported by the per-sample norm engine.
+    """
+    _check_int(in_channels, "in_channels")
+    _check_int(width, "width")
+    _check_int(depth, "depth")
+    _check_int(num_classes, "num_classes")
+    _check_int(length, "length")
+    _check_int(kernel_size, "kernel_size")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (same padding on both sides), got {kernel_size}")
+    _check_choice(activation, "activation", tuple(ACTIVATIONS))
+    with _seeded(seed):
+        layers: list[nn.Module] = []
+        channels, size = in_channels, length
+        for _ in range(depth):
+            layers += [nn.Conv1d(channels, width, kernel_size, stride=2, padding=kernel_size // 2),
+                       ACTIVATIONS[activation]()]
+            channels, size = width, (size - 1) // 2 + 1
+        layers += [nn.Flatten(), nn.Linear(width * size, num_classes)]
     return nn.Sequential(*layers)
 
 

@@ -10,6 +10,7 @@ from gradiv_lib.models import (
     ACTIVATIONS,
     FamilyMember,
     cnn,
+    cnn1d,
     count_parameters,
     deep_linear,
     fixed_budget_family,
@@ -69,6 +70,22 @@ def test_cnn_shapes_for_digits_and_cifar(norm: str) -> None:
     features = cifar_net[:-3](torch.randn(2, 3, 32, 32))  # before pooling and classifier
     assert features.shape == (2, 16, 4, 4)  # three halvings 32 → 4
     assert cifar_net(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_cnn1d_halves_the_length_and_flattens() -> None:
+    net = cnn1d(1, 8, 3, 10, length=40, kernel_size=5, seed=0)
+    x = torch.randn(4, 1, 40)
+    assert net[:-2](x).shape == (4, 8, 5)            # 40 -> 20 -> 10 -> 5
+    assert net(x).shape == (4, 10)
+    # parameters: conv 1*8*5+8, two convs 8*8*5+8, classifier 8*5*10+10
+    assert count_parameters(net) == (8 * 5 + 8) + 2 * (8 * 8 * 5 + 8) + (8 * 5 * 10 + 10)
+    odd = cnn1d(2, 4, 2, 3, length=41, kernel_size=3)
+    assert odd[:-2](torch.randn(1, 2, 41)).shape == (1, 4, 11)   # ceil(41/2) = 21, ceil(21/2) = 11
+    assert torch.equal(cnn1d(1, 8, 3, 10, 40, seed=0)[0].weight, net[0].weight)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        cnn1d(1, 8, 3, 10, 40, kernel_size=4)
+    with pytest.raises(ValueError, match="length must be an integer >= 1, got 0"):
+        cnn1d(1, 8, 3, 10, 0)
 
 
 def test_builders_validate_arguments_with_clear_messages() -> None:

@@ -39,7 +39,15 @@ class History:
     target_accuracy : float or None
         The target, and ``target_on`` (``"test"`` or ``"train"``) the accuracy it is checked on.
     epoch_to_target, steps_to_target, samples_to_target, seconds_to_target
-        Cumulative values at the end of the first epoch that reached the target (``None`` if never).
+        Cumulative values at the first evaluation that reached the target (``None`` if never): the end
+        of an epoch, or with ``eval_every`` also an evaluation between the steps of an epoch
+        (``epoch_to_target`` is then the epoch in which it happened).
+    eval_every : int or None
+        With ``train(eval_every=k)``: ``test_data`` is also evaluated after every ``k``-th optimizer
+        step (counted over the whole run), and ``eval_epoch``, ``eval_steps``, ``eval_samples``,
+        ``eval_seconds``, ``eval_test_loss``, ``eval_test_accuracy`` hold one entry per such evaluation:
+        the epoch, the cumulative steps and samples, the cumulative training seconds (evaluations
+        excluded) and the test loss and accuracy at that moment.
     diverged : bool
         The loss became non-finite and the run stopped (``on_nonfinite="stop"``).
     """
@@ -66,6 +74,13 @@ class History:
     samples_to_target: int | None = None
     seconds_to_target: float | None = None
     diverged: bool = False
+    eval_every: int | None = None
+    eval_epoch: list[int] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_samples: list[int] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    eval_test_loss: list[float] = field(default_factory=list)
+    eval_test_accuracy: list[float] = field(default_factory=list)
 
     #: Names of the per-epoch lists.
     PER_EPOCH = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "batch_size", "lr",

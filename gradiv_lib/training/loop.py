@@ -16,7 +16,8 @@ device, so the batch size can change between epochs at no cost) or any map-style
   backward pass;
 * :class:`History` records per epoch the loss, train/test accuracy, batch size, learning rate,
   :math:`\\hat\\Delta`, cumulative optimizer steps, samples and seconds, and the steps, samples and seconds
-  to a target accuracy;
+  to a target accuracy; with ``eval_every=k`` it also records the test accuracy every ``k`` optimizer steps,
+  and the target is found at that granularity;
 * with ``checkpoint_path`` the full state (model, optimizer, scheduler, schedule, random-number
   generators, history) is written atomically after every epoch and a later call with the same arguments
   resumes from it; a resumed run gives the same history as an uninterrupted one (except wall-clock
@@ -142,6 +143,28 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _evaluate_between_steps(model: nn.Module, test: Any, loss_fn: Any, eval_batch_size: int, history: History,
+                            epoch: int, steps: int, samples: int, seconds_before: float, start: float,
+                            eval_time: float, device: torch.device, target: float | None) -> float:
+    """One step-granular evaluation (``train(eval_every=...)``): record it in ``history`` (and the target if this
+    is the first evaluation to reach it); returns the seconds it took, which do not count as training time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    loss, accuracy = evaluate(model, test, loss_fn, eval_batch_size)
+    history.eval_epoch.append(epoch)
+    history.eval_steps.append(steps)
+    history.eval_samples.append(samples)
+    history.eval_seconds.append(seconds_before + (now - start - eval_time))
+    history.eval_test_loss.append(loss)
+    history.eval_test_accuracy.append(accuracy)
+    if target is not None and history.epoch_to_target is None and accuracy >= target:
+        history.epoch_to_target = epoch
+        history.steps_to_target, history.samples_to_target = steps, samples
+        history.seconds_to_target = history.eval_seconds[-1]
+    return time.perf_counter() - now
+
+
 def train(
     model: nn.Module,
     data: InMemoryData | tuple[Tensor, Tensor],
@@ -163,6 +186,7 @@ def train(
     measure_diversity: bool = False,
     measure_batch_size: int | None = None,
     eval_batch_size: int = 1024,
+    eval_every: int | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
@@ -229,6 +253,12 @@ def train(
         the gradients of per-sample losses either.)
     eval_batch_size : int
         Batch size of evaluation passes.
+    eval_every : int, optional
+        Also evaluate ``test_data`` after every ``eval_every``-th optimizer step (counted over the
+        whole run, across epochs and batch-size changes) and record it in the history's ``eval_*``
+        lists; the target is then found at this granularity (see :class:`History`). Evaluation time is
+        excluded from the recorded seconds, and evaluation touches neither the weights nor any random
+        number generator, so the training itself is the same as without it.
     device : str or torch.device, optional
         Default: the device of ``data``.
     seed : int
@@ -274,6 +304,10 @@ def train(
     _check_int(epochs, "epochs", 1)
     _check_int(seed, "seed", 0)
     _check_int(eval_batch_size, "eval_batch_size", 1)
+    if eval_every is not None:
+        _check_int(eval_every, "eval_every", 1)
+        if test_data is None:
+            raise ValueError(f"eval_every={eval_every} evaluates test_data between steps; pass test_data or eval_every=None")
     if measure_batch_size is not None:
         _check_int(measure_batch_size, "measure_batch_size", 1)
     _check_int(checkpoint_every, "checkpoint_every", 1)
@@ -310,8 +344,9 @@ def train(
     reduction = _loss_reduction(loss_fn, model, *_head(train_data, 8))
 
     config = {"schedule": schedule.name, "initial_batch_size": schedule.initial_batch_size, "epochs": epochs,
-              "seed": seed, "n_samples": n_train, "n_params": sum(p.numel() for p in params)}
-    history = History(schedule=schedule.name, target_accuracy=target_accuracy, target_on=target_on)
+              "seed": seed, "n_samples": n_train, "n_params": sum(p.numel() for p in params), "eval_every": eval_every}
+    history = History(schedule=schedule.name, target_accuracy=target_accuracy, target_on=target_on,
+                      eval_every=eval_every)
     generator = torch.Generator().manual_seed(seed)
     path = None if checkpoint_path is None else Path(checkpoint_path)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -383,6 +418,10 @@ def train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
+                eval_time = 0.0            # seconds spent in step-granular evaluations, not counted as training
+                steps_before = history.steps[-1] if history.steps else 0
+                samples_before = history.samples[-1] if history.samples else 0
+                seconds_before = history.seconds[-1] if history.seconds else 0.0
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 correct = torch.zeros((), dtype=torch.long, device=device)
                 steps = samples = 0
@@ -426,11 +465,16 @@ def train(
                         correct += (out.detach().argmax(1) == yb).sum()
                     steps += 1
                     samples += n
+                    if eval_every is not None and (steps_before + steps) % eval_every == 0:
+                        eval_time += _evaluate_between_steps(model, test, loss_fn, eval_batch_size, history, epoch,
+                                                             steps_before + steps, samples_before + samples,
+                                                             seconds_before, start, eval_time, device,
+                                                             target_accuracy if target_on == "test" else None)
                 if meter is not None:
                     meter.release()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - eval_time
                 train_loss = float(loss_sum) / samples
                 if parallel is not None:  # the global count of correct predictions; process 0's buffers everywhere
                     correct = parallel.end_epoch(model, correct)
@@ -450,14 +494,12 @@ def train(
                 resize: Resize | None = schedule.end_epoch(epoch) if not diverged else None
                 if schedule_measures and schedule.measurements and schedule.measurements[-1][0] == epoch:
                     result = schedule.measurements[-1][1]
-                previous = history.steps[-1] if history.steps else 0
                 history._append(
                     epoch=epoch, train_loss=train_loss, train_accuracy=train_accuracy, test_loss=test_loss,
                     test_accuracy=test_accuracy, batch_size=batch_size, lr=epoch_lr, lr_scale=epoch_lr_scale,
                     diversity=result.diversity if result else math.nan,
                     batch_size_bound=result.batch_size_bound if result else math.nan,
-                    steps=previous + steps, samples=(history.samples[-1] if history.samples else 0) + samples,
-                    seconds=(history.seconds[-1] if history.seconds else 0.0) + elapsed,
+                    steps=steps_before + steps, samples=samples_before + samples, seconds=seconds_before + elapsed,
                 )
                 if target_accuracy is not None and history.epoch_to_target is None:
                     reached = test_accuracy if target_on == "test" else train_accuracy
