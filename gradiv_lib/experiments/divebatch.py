@@ -19,7 +19,8 @@
   (BatchNorm), SGD momentum 0.9, weight decay 5e-4, learning rate 0.1, random crop + flip, 200 epochs;
   CIFAR-10 with cosine annealing (:math:`T_{\\max} = 200`), DiveBatch :math:`\\delta = 0.1`; CIFAR-100 with
   MultiStepLR([60, 120, 160], 0.2), :math:`\\delta = 0.01` (the code's one-epoch warm-up is not
-  reproduced). Batch 128 → 2048, resize every 20 epochs; baselines SGD B = 128 (lr 0.1), SGD B = 2048
+  reproduced: its warm-up scheduler sets the rate to 0 and the DiveBatch trainer never steps it, so the
+  authors' first CIFAR-100 epoch trains at learning rate 0). Batch 128 → 2048, resize every 20 epochs; baselines SGD B = 128 (lr 0.1), SGD B = 2048
   (lr 1.6) and AdaBatch (×2 every 20 epochs), AdaBatch and DiveBatch each without and with the linear
   learning-rate rescale (``--adaptive_lr``). Each run checkpoints after every epoch, so an interrupted
   run resumes where it stopped.
