@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .. import batching, data as gdata, models, results
+from . import with_overrides
 from ..training import History, evaluate, train
 
 __all__ = ["CONFIGS", "METHODS", "QUICK", "digits_standardized", "eval_every_for", "load_data", "make_model",
@@ -366,13 +367,7 @@ def run(dataset: str = "digits", *, full: bool = False, root: str | Path | None 
             "the quick modes run on dataset 'digits' or 'mnist1d'; the full protocol (--full) on 'cifar10' or "
             f"'cifar100' (got dataset={dataset!r}, full={full})"
         )
-    config = dict(CONFIGS[dataset])
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; valid: {sorted(config)}")
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    if seeds is not None:
-        config["seeds"] = [int(s) for s in seeds]
+    config = with_overrides(dict(CONFIGS[dataset]), overrides, seeds)
     if methods is not None:
         bad = [m for m in methods if m not in METHODS]
         if bad:
