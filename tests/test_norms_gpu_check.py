@@ -46,7 +46,8 @@ def test_cpu_smoke_version_runs_every_stage(no_cuda: None, tmp_path: Path) -> No
     for bench in report["benchmarks"]:
         methods = bench["methods"]
         assert methods["plain_step"]["ratio_to_plain"] == 1.0
-        assert methods["gradiv_meter"]["max_rel_diff_vs_gradiv"] == 0.0
+        # float32; the meter's fused convolutions round in another order than the functional hook path
+        assert methods["gradiv_meter"]["max_rel_diff_vs_gradiv"] < 1e-5
         assert methods["vmap_grad"]["max_rel_diff_vs_gradiv"] < 1e-3
         for other in ("backpack_batch_l2", "opacus_grad_sample"):
             entry = methods[other]

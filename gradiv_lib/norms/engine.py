@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from gradiv_lib.norms import batch_axes, rules_attention
+from gradiv_lib.norms import batch_axes, fused_conv, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
 from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
@@ -52,6 +52,11 @@ Check = Literal["first_call", "every_call", "off"]
 """When the engine runs its batch-axis probe and gradient-sum check."""
 
 CHECKS: tuple[str, ...] = get_args(Check)
+
+GradSource = Literal["hooks", "backward"]
+"""Where the engine reads the gradient the backward pass produced (for ‖Σ_i ∇ℓ_i‖²)."""
+
+GRAD_SOURCES: tuple[str, ...] = get_args(GradSource)
 
 GRAD_SUM_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
 """Relative tolerance of the gradient-sum check by parameter dtype (half precision or autocast: 5e-2)."""
@@ -68,6 +73,7 @@ class _Layer:
     shares_parameters: bool = False
     calls: int = 0
     covered: bool = False
+    fusable: bool = False
     param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,8 +113,52 @@ class _OutputGradHook:
     def __call__(self, grad_output: Tensor) -> None:
         saved, self._saved = self._saved, None
         if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            self._engine._extra_passes = True
             return
+        self._engine._on_backward()
         self._engine._on_rule_output_grad(self._layer, self._root, self._index, saved, grad_output)
+
+
+class _FusedReport:
+    """Receives one fused convolution call's per-sample gradients during the backward pass
+    (``fused_conv.py``), chunk by chunk, and records their squared norms (or the gradients themselves
+    when the layer runs more than once) once the whole batch has been seen."""
+
+    __slots__ = ("_engine", "_layer", "_batch", "_parts", "_done")
+
+    def __init__(self, engine: PerSampleNormEngine, layer: _Layer, batch: int) -> None:
+        self._engine, self._layer, self._batch, self._parts, self._done = engine, layer, batch, [], False
+
+    def __call__(self, grads: Tensor, start: int) -> None:
+        engine, layer = self._engine, self._layer
+        if self._done:  # a second backward pass through a retained graph
+            engine._extra_passes = True
+            return
+        if start == 0:
+            engine._on_backward()
+        materialize = engine._materializes(layer)
+        self._parts.append(grads if materialize else _sq_sum_rows(grads))
+        if start + grads.shape[0] < self._batch:
+            return
+        self._done = True
+        part = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
+        self._parts = []
+        if materialize:
+            module = layer.module
+            bias = "bias" in layer.params
+            rows = part.shape[2] - (1 if bias else 0)
+            per_sample = {"weight": part[:, :, :rows].transpose(2, 3).reshape(part.shape[0], *module.weight.shape)}
+            if bias:
+                per_sample["bias"] = part[:, :, rows].reshape(part.shape[0], -1)
+            engine._add_per_sample_grads(layer, per_sample)
+        else:
+            engine._sq_norm_parts.append(part)
+        layer.covered = True
+
+
+def _sq_sum_rows(t: Tensor) -> Tensor:
+    """Σ over all but the first axis of t², shape ``[B]``."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square_()
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -202,6 +252,8 @@ class PerSampleNormEngine:
         sequence_strategy: SequenceStrategy = "auto",
         batch_size: int | None = None,
         check: Check = "first_call",
+        grad_source: GradSource = "hooks",
+        fuse_convolutions: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
@@ -209,6 +261,10 @@ class PerSampleNormEngine:
             raise ValueError(f"sequence_strategy must be one of {SEQUENCE_STRATEGIES}, got {sequence_strategy!r}")
         if check not in CHECKS:
             raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        if grad_source not in GRAD_SOURCES:
+            raise ValueError(f"grad_source must be one of {GRAD_SOURCES}, got {grad_source!r}")
+        if not isinstance(fuse_convolutions, bool):
+            raise TypeError(f"fuse_convolutions must be a bool, got {fuse_convolutions!r}")
         self._parameters = [p for p in model.parameters() if p.requires_grad]
         if not self._parameters:
             raise ValueError(
@@ -218,11 +274,16 @@ class PerSampleNormEngine:
         self._model = model
         self._parameter_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self._layers = _plan_layers(model)
+        for layer in self._layers:
+            layer.fusable = fuse_convolutions and isinstance(layer.module, fused_conv.FUSABLE_TYPES) and not layer.shares_parameters
+        self._grad_source: GradSource = grad_source
         self._batch_norms = [(path, m) for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._strategy: SequenceStrategy = sequence_strategy
         self._check: Check = check
         self._expected_batch_size = batch_size
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._parameter_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._reading = False  # this measurement reads .grad at the end of the backward pass (no parameter hooks)
         self._constant_columns: dict[Any, Tensor] = {}
         self._paused = False
         self._idle = False  # attached between measurements (hold()): hooks ignore everything
@@ -265,34 +326,51 @@ class PerSampleNormEngine:
         self._spreads: dict[int, Tensor] = {}
         self._actual_grads: dict[int, Tensor] = {}
         self._low_precision = False
+        self._callback_queued = False
+        self._backward_passes = 0
+        self._extra_passes = False
         for layer in self._layers:
             layer.calls = 0
             layer.covered = False
 
     def attach(self) -> PerSampleNormEngine:
         """Register the hooks (idempotent)."""
-        if self._handles:
-            return self
-        handles = [self._model.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
-        handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._layer_hooks]
-        handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
-        handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
-        handles += [p.register_hook(hook) for p, hook in self._parameter_hooks]
-        self._handles = handles
+        if not self._handles:
+            handles = [self._model.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
+            handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._layer_hooks]
+            handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
+            handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
+            self._handles = handles
+        if not self._reading and not self._parameter_handles:
+            self._parameter_handles = [p.register_hook(hook) for p, hook in self._parameter_hooks]
         return self
 
     def detach(self) -> None:
         """Remove the hooks; recorded results stay readable."""
+        self._detach_parameter_hooks()
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
+    def _detach_parameter_hooks(self) -> None:
+        for handle in self._parameter_handles:
+            handle.remove()
+        self._parameter_handles = []
+
     def __enter__(self) -> PerSampleNormEngine:
         self.reset()
         self._idle = False
+        # grad_source="backward": when every .grad is empty, the gradient of this backward pass is what
+        # .grad holds when the pass ends (read by one callback, instead of one hook per parameter); a
+        # gradient accumulated onto an earlier one, or a hook that acts on .grad after accumulation,
+        # needs the parameter hooks
+        self._reading = self._grad_source == "backward" and all(
+            p.grad is None and p._post_accumulate_grad_hooks is None for p in self._parameters
+        )
         return self.attach()
 
     def __exit__(self, *exc_info: object) -> None:
+        self._detach_parameter_hooks()
         if self._held:
             self._idle = True
         else:
@@ -303,10 +381,16 @@ class PerSampleNormEngine:
     def hold(self) -> None:
         """Keep the hooks registered between measurements until :meth:`release` (for a training loop
         that owns the model: registering and removing a dozen hooks per step is a visible share of a
-        small step). Between ``with`` blocks the hooks ignore every forward and backward pass."""
+        small step). Between ``with`` blocks the hooks ignore every forward and backward pass. The
+        parameter hooks (only needed when ``.grad`` already holds a gradient, see ``grad_source``) are
+        registered per measurement."""
         self._held = True
         self._idle = True
-        self.attach()
+        self._reading, reading = True, self._reading
+        try:
+            self.attach()
+        finally:
+            self._reading = reading
 
     def release(self) -> None:
         """End :meth:`hold`: remove the hooks (idempotent)."""
@@ -399,7 +483,7 @@ class PerSampleNormEngine:
         layer.calls += 1
         return index
 
-    def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         if self._probe_run is not None:
             self._probe_record(layer, [args[0]], [output])
             return
@@ -415,7 +499,16 @@ class PerSampleNormEngine:
         if self._batch_size is None or activation.shape[0] != self._batch_size:
             self._check_batch(layer, activation)
         index = self._call_index(layer)
+        if layer.fusable and not self._verify and self._fused_layout(layer, index) and fused_conv.fusable(module, activation, output):
+            return fused_conv.fused_output(module, activation, output, _FusedReport(self, layer, self._batch_size))
         output.register_hook(_OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output)))
+        return None
+
+    def _fused_layout(self, layer: _Layer, index: int) -> bool:
+        """Whether the checked layout puts this call's samples on axis 0 of input and output (a fused
+        convolution is only used on calls the first-call check has seen)."""
+        entry = self._layout_entry(layer, self._root, index)
+        return entry is not None and entry[0][0] == 0 and entry[1][0] == 0
 
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._probe_run is not None:
@@ -510,6 +603,30 @@ class PerSampleNormEngine:
 
     # --- backward --------------------------------------------------------------------------------
 
+    def _on_backward(self) -> None:
+        """First hook of a backward pass in reading mode: read .grad once the pass has finished."""
+        if self._reading and not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
+
+    def _read_grads(self) -> None:
+        """End of a backward pass (``grad_source="backward"``, every .grad empty before it): the gradient
+        this pass produced is what .grad holds now."""
+        self._callback_queued = False
+        self._backward_passes += 1
+        if self._backward_passes > 1:
+            return  # _check_complete refuses the measurement
+        grads = [(p, p.grad) for p in self._parameters if p.grad is not None]
+        dense = [g for _, g in grads if not g.is_sparse]
+        norms = list(torch._foreach_norm(dense)) if dense else []
+        norms += [torch.linalg.vector_norm(g.coalesce().values()) for _, g in grads if g.is_sparse]
+        self._grad_norms.extend(norms)
+        for p, g in grads:
+            self._grad_counts[id(p)] += 1
+            if self._verify:  # a copy: .grad may be clipped in place before the check runs
+                self._actual_grads[id(p)] = g.detach().clone()
+        self._complete = False
+
     def _materializes(self, layer: _Layer) -> bool:
         return layer.shares_parameters or layer.calls > 1
 
@@ -541,7 +658,9 @@ class PerSampleNormEngine:
     ) -> None:
         saved = saved_once.take()
         if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
+            self._extra_passes = True
             return
+        self._on_backward()
         args, kwargs = saved
         in_leaves, _ = tree_flatten((args, kwargs))
         out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
@@ -654,14 +773,28 @@ class PerSampleNormEngine:
             raise RuntimeError(
                 "no gradient reached the model's trainable parameters while the hooks were attached; "
                 "run the forward pass and the backward pass inside the measurement"
+                + (
+                    " (this engine reads the gradient from .grad, which loss.backward() fills and "
+                    "torch.autograd.grad does not: use gradient_diversity / per_sample_sq_norms for the latter)"
+                    if self._reading and self._backward_passes else ""
+                )
             )
-        passes = max(self._grad_counts.values())
+        passes = max(max(self._grad_counts.values()), self._backward_passes, 2 if self._extra_passes else 1)
         if passes > 1:
             raise RuntimeError(
                 f"{passes} backward passes reached the parameters during one measurement; a measurement covers "
                 "exactly one backward pass (start a new one per micro-batch)"
             )
         covered = {pid for layer in self._layers if layer.covered for pid in layer.param_ids}
+        unreached = [self._parameter_names[pid] for layer in self._layers if layer.covered and layer.rule is not None
+                     for pid in layer.param_ids if pid not in self._grad_counts]
+        if unreached:
+            raise ValueError(
+                f"parameters {unreached} belong to layers whose per-sample gradients were measured, but the backward "
+                "pass gave them no gradient (backward(inputs=...) restricted to other tensors?), so the gradient "
+                "diversity would mix different parameter sets; back-propagate to every trainable parameter, or freeze "
+                "the others (requires_grad=False) before building the meter"
+            )
         missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in covered]
         if missing:
             raise ValueError(

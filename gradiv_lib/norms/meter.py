@@ -9,9 +9,14 @@ squared norm of the gradient this backward pass produced. With a mean loss
 
 .. math:: \\Delta_B = \\frac{\\sum_i \\|\\nabla_w \\ell_i\\|^2}{\\|\\sum_i \\nabla_w \\ell_i\\|^2}
 
-refers to the per-sample losses whatever the reduction. ``.grad`` is exactly what it would be
-without the meter, so the optimizer step is unaffected; gradients already accumulated in ``.grad``
-before the backward pass are not counted.
+refers to the per-sample losses whatever the reduction. ``.grad`` is what it would be without the
+meter, so the optimizer step is unaffected; gradients already accumulated in ``.grad`` before the
+backward pass are not counted. By default a convolution's weight gradient is formed as the sum of the
+per-sample gradients the meter computes anyway (``fused_conv.py``: one weight-gradient convolution less
+per layer), which equals autograd's to float rounding; ``exact_grad=True`` keeps autograd's own,
+bit for bit, at that extra cost. When every ``.grad`` is empty before the backward pass (the usual
+``zero_grad(set_to_none=True)``), :math:`\\|\\sum_i \\nabla_w \\ell_i\\|^2` is read from ``.grad`` at
+the end of the pass instead of by a hook on every parameter.
 
 **What a wrong ``loss_reduction`` does, and what the meter can see.** The hooks see the gradient of
 the loss that was back-propagated, so the per-sample gradients they imply always add up to the
@@ -59,6 +64,11 @@ class DiversityMeter:
     check
         When to run the batch-axis probe and the gradient-sum check: ``"first_call"`` (once per model
         and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`).
+    exact_grad
+        ``True``: leave every weight gradient to autograd, so ``.grad`` is bit for bit what it is
+        without the meter (costs one more weight-gradient convolution per conv layer and step).
+        ``False`` (default): convolutions sum their per-sample gradients into ``.grad`` (equal to
+        float rounding).
 
     Examples
     --------
@@ -79,10 +89,15 @@ class DiversityMeter:
         *,
         sequence_strategy: SequenceStrategy = "auto",
         check: Check = "first_call",
+        exact_grad: bool = False,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        self._engine = PerSampleNormEngine(model, sequence_strategy=sequence_strategy, check=check)
+        if not isinstance(exact_grad, bool):
+            raise TypeError(f"exact_grad must be a bool, got {exact_grad!r}")
+        self._engine = PerSampleNormEngine(
+            model, sequence_strategy=sequence_strategy, check=check, grad_source="backward", fuse_convolutions=not exact_grad
+        )
         self._model = model
         self._loss_reduction = loss_reduction
         self._sq_norms: Tensor | None = None

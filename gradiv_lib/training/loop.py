@@ -108,7 +108,7 @@ def _measure_separately(model: nn.Module, loss_fn: Any, xb: Tensor, yb: Tensor, 
     BatchNorm layers run in eval mode (running statistics: per-sample gradients are defined), and the
     batch is processed in chunks of at most ``chunk`` samples to bound memory; ``.grad`` is untouched.
     """
-    from ..norms import DiversityMeter
+    from ..norms import PerSampleNormEngine
 
     n = len(xb)
     if n == 0:  # an empty slice of a global batch (several processes)
@@ -119,9 +119,10 @@ def _measure_separately(model: nn.Module, loss_fn: Any, xb: Tensor, yb: Tensor, 
         norms, total = [], [torch.zeros_like(p) for p in params]
         for start in range(0, n, chunk):
             xc, yc = xb[start:start + chunk], yb[start:start + chunk]
-            with DiversityMeter(model, loss_reduction=reduction) as meter:
+            # the engine itself (gradient hooks): the gradient is taken with torch.autograd.grad, .grad untouched
+            with PerSampleNormEngine(model) as engine:
                 grads = torch.autograd.grad(loss_fn(model(xc), yc), params, allow_unused=True)
-            norms.append(meter.sq_norms)
+            norms.append(engine.sq_norms() * (len(xc) if reduction == "mean" else 1) ** 2)
             weight = len(xc) / n if reduction == "mean" else 1.0
             for acc, g in zip(total, grads):
                 if g is not None:

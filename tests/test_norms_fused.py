@@ -1,0 +1,311 @@
+"""The meter's steady-state paths (issue 13, item 6) against torch.func, in float64.
+
+* Fused convolutions (``gradiv_lib/norms/fused_conv.py``): after the checked first call, a convolution's
+  weight gradient is the sum of the per-sample gradients the meter forms anyway. Its norms must equal
+  ``vmap(grad)``'s, its ``.grad`` autograd's (to rounding), its input gradient autograd's, and every
+  geometry (stride, dilation, groups, rectangular kernels, no bias, frozen bias, in-place ReLU after it,
+  batch chunks, a layer called twice) must stay exact.
+* Reading ``.grad`` at the end of the backward pass (``grad_source="backward"``): gradients accumulated
+  before, clipping after the backward pass, hooks acting on ``.grad``, two backward passes,
+  ``torch.autograd.grad`` and ``backward(inputs=...)`` are each either right or refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradiv_lib.norms import DiversityMeter, fused_conv
+
+TOL = 1e-9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny tensors: one torch thread for the whole module (tests/conftest.py)."""
+
+
+def reference(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float]:
+    """‖∇ℓ_i‖² and ‖Σ_i ∇ℓ_i‖² of the per-sample cross-entropies, by vmap(grad)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1).double()
+    return flat.square().sum(1), float(flat.sum(0).square().sum())
+
+
+def autograd_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def step(meter: DiversityMeter, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float]:
+    model.zero_grad(set_to_none=True)
+    with meter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    return meter.sq_norms, meter.result.sq_norm_of_sum
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts backward passes through FusedConv (so a test knows the fused path really ran)."""
+    calls: list[int] = []
+    original = fused_conv.FusedConv.backward
+
+    def counting(ctx, grad_output):
+        calls.append(1)
+        return original(ctx, grad_output)
+
+    monkeypatch.setattr(fused_conv.FusedConv, "backward", staticmethod(counting))
+    return calls
+
+
+CONV_CASES = {
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (3, 9)),
+    "conv1d_stride2_dilation2_nobias": (lambda: nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2, bias=False), (3, 11)),
+    "conv2d_rect_kernel_stride": (lambda: nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0)), (2, 7, 5)),
+    "conv2d_groups2_dilation2": (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2), (4, 6, 6)),
+    "conv2d_1x1": (lambda: nn.Conv2d(3, 5, 1), (3, 4, 4)),
+}
+
+
+def _conv_model(case: str) -> tuple[nn.Module, tuple[int, ...]]:
+    make, shape = CONV_CASES[case]
+    torch.manual_seed(0)
+    first = make()
+    # the second layer takes the first's channels: its input gradient flows through a fused layer
+    second = type(first)(first.out_channels, 5, 3, padding=1)
+    model = nn.Sequential(first, nn.ReLU(inplace=True), second, nn.Tanh(), nn.Flatten())
+    with torch.no_grad():
+        features = model(torch.zeros(1, *shape)).shape[1]
+    model.append(nn.Linear(features, 3))
+    return model.double(), shape
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_fused_convolutions_match_torch_func_on_later_calls(case: str, fused_calls: list[int]) -> None:
+    model, shape = _conv_model(case)
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected, expected_sum = reference(model, x, y)
+    expected_grads = autograd_grads(model, x, y)
+    meter = DiversityMeter(model)
+    for call in range(3):
+        sq_norms, of_sum = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+        for p, g in zip(model.parameters(), expected_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    assert len(fused_calls) == 4  # two conv layers, on the two unchecked calls
+
+
+def test_fused_path_is_not_a_no_op_a_dropped_bias_row_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plausible wrong variant (per-sample gradients without the bias row) gives other norms."""
+    model, shape = _conv_model("conv1d")
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected, _ = reference(model, x, y)
+    original = fused_conv.per_sample_weight_grads
+    monkeypatch.setattr(fused_conv, "per_sample_weight_grads", lambda m, a, g, bias: original(m, a, g, False) if bias else original(m, a, g, bias))
+    meter = DiversityMeter(model)
+    step(meter, model, x, y)
+    with pytest.raises(Exception):  # wrong norms, or a shape error in the bias split: never the right number
+        sq_norms, _ = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+
+
+def test_fused_input_gradient_is_autograds(fused_calls: list[int]) -> None:
+    model, shape = _conv_model("conv2d_rect_kernel_stride")
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    leaf = x.clone().requires_grad_(True)
+    nn.functional.cross_entropy(model(leaf), y).backward()
+    expected = leaf.grad.clone()
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        leaf.grad = None
+        model.zero_grad(set_to_none=True)
+        with meter:
+            nn.functional.cross_entropy(model(leaf), y).backward()
+        meter.result  # the first result passes the checks; the second call is fused
+    assert fused_calls
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
+    monkeypatch.setattr(fused_conv, "_CACHE_CHUNK_ELEMENTS", 64)  # a few samples per chunk
+    model, shape = _conv_model("conv2d_groups2_dilation2")
+    x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 3, (7,))
+    expected, expected_sum = reference(model, x, y)
+    expected_grads = autograd_grads(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        sq_norms, of_sum = step(meter, model, x, y)
+    assert fused_calls
+    torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+    assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    for p, g in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+class TwiceConv(nn.Module):
+    """One convolution applied twice: its per-sample gradient is the sum over both uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def test_a_fused_layer_called_twice_sums_per_sample_gradients_over_its_uses(fused_calls: list[int]) -> None:
+    torch.manual_seed(1)
+    model = TwiceConv().double()
+    x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
+    expected, expected_sum = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        sq_norms, of_sum = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    assert fused_calls
+
+
+def test_exact_grad_keeps_autograds_gradient_bit_for_bit(fused_calls: list[int]) -> None:
+    model, shape = _conv_model("conv2d_groups2_dilation2")
+    model = model.float()
+    x, y = torch.randn(6, *shape), torch.randint(0, 3, (6,))
+    expected = autograd_grads(model, x, y)
+    meter = DiversityMeter(model, exact_grad=True)
+    for _ in range(3):
+        step(meter, model, x, y)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))
+    assert not fused_calls
+
+
+def test_second_derivatives_through_a_fused_convolution_raise() -> None:
+    model, shape = _conv_model("conv1d")
+    x, y = torch.randn(4, *shape, dtype=torch.float64), torch.randint(0, 3, (4,))
+    meter = DiversityMeter(model)
+    step(meter, model, x, y)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        with meter:
+            loss = nn.functional.cross_entropy(model(x), y)
+            (g,) = torch.autograd.grad(loss, [model[0].weight], create_graph=True)
+            g.square().sum().backward()
+
+
+def test_fused_path_is_skipped_under_reflect_padding_and_half_precision(fused_calls: list[int]) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(18, 2)).double()
+    x, y = torch.randn(5, 2, 6, dtype=torch.float64), torch.randint(0, 2, (5,))
+    expected, _ = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        sq_norms, _ = step(meter, model, x, y)
+    torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+    assert not fused_calls
+
+
+# --- reading .grad at the end of the backward pass -------------------------------------------------
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _batch(n: int = 7) -> tuple[Tensor, Tensor]:
+    return torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+def test_clipping_inside_the_measurement_does_not_change_the_result() -> None:
+    """The gradient is read when the backward pass ends, before the user's code modifies .grad."""
+    model, (x, y) = _mlp(), _batch()
+    expected, expected_sum = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        assert meter.result.sq_norm_of_sum == pytest.approx(expected_sum, rel=TOL)
+        torch.testing.assert_close(meter.sq_norms, expected, rtol=TOL, atol=0.0)
+
+
+def test_gradients_already_in_grad_use_the_parameter_hooks() -> None:
+    model, (x, y) = _mlp(), _batch()
+    _, expected_sum = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x[:3]), y[:3]).backward()  # an earlier micro-batch
+        with meter:
+            nn.functional.cross_entropy(model(x), y).backward()
+        assert meter._engine._parameter_handles == []  # removed after the measurement
+        assert meter.result.sq_norm_of_sum == pytest.approx(expected_sum, rel=TOL)
+
+
+def test_a_hook_that_consumes_grad_after_accumulation_uses_the_parameter_hooks() -> None:
+    """Optimizer-in-backward style: a post-accumulate hook empties .grad; reading it would see nothing."""
+    model, (x, y) = _mlp(), _batch()
+    _, expected_sum = reference(model, x, y)
+    handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters()]
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        with meter:
+            nn.functional.cross_entropy(model(x), y).backward()
+        assert meter.result.sq_norm_of_sum == pytest.approx(expected_sum, rel=TOL)
+    for handle in handles:
+        handle.remove()
+
+
+def test_two_backward_passes_in_one_measurement_are_refused() -> None:
+    model, (x, y) = _mlp(), _batch()
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            nn.functional.cross_entropy(model(x), y).backward()
+        meter.result
+    model.zero_grad(set_to_none=True)
+    with meter:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    with pytest.raises(RuntimeError, match="2 backward passes"):
+        meter.result
+    model.zero_grad(set_to_none=True)
+    with meter:
+        nn.functional.cross_entropy(model(x[:3]), y[:3]).backward()
+        nn.functional.cross_entropy(model(x[3:6]), y[3:6]).backward()
+    with pytest.raises(RuntimeError, match="backward passes"):
+        meter.result
+
+
+def test_autograd_grad_inside_the_meter_is_refused_with_the_way_out() -> None:
+    model, (x, y) = _mlp(), _batch()
+    meter = DiversityMeter(model)
+    with meter:
+        torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    with pytest.raises(RuntimeError, match="per_sample_sq_norms"):
+        meter.result
+
+
+def test_backward_restricted_to_some_parameters_is_refused() -> None:
+    model, (x, y) = _mlp(), _batch()
+    meter = DiversityMeter(model)
+    for accumulate in (False, True):  # reading .grad, and the parameter hooks
+        model.zero_grad(set_to_none=True)
+        if accumulate:
+            nn.functional.cross_entropy(model(x), y).backward()
+        with meter:
+            nn.functional.cross_entropy(model(x), y).backward(inputs=[model[0].weight])
+        with pytest.raises(ValueError, match="no gradient"):
+            meter.result
