@@ -425,6 +425,7 @@ class EpochDiversityAccumulator:
     def reset(self) -> None:
         """Start a new epoch."""
         self._sum_sq_norms = 0.0
+        self._unchecked_sq_norms: Tensor | None = None  # update(validate=False): a device-side float64 sum
         self._grad_sum: Tensor | None = None
         self._layout: tuple[torch.Size, ...] | None = None
         self._layout_views: list[Tensor] = []
@@ -438,6 +439,7 @@ class EpochDiversityAccumulator:
         *,
         grad_reduction: Reduction = "sum",
         sq_norms_reduction: Reduction = "sum",
+        validate: bool = True,
     ) -> None:
         """Add one batch of ``n`` samples.
 
@@ -456,10 +458,18 @@ class EpochDiversityAccumulator:
             ``"sum"`` if ``sq_norms`` are :math:`\\|\\nabla\\ell_i\\|^2` (what :mod:`gradiv_lib.norms`
             returns), ``"mean"`` if they are :math:`\\|\\nabla\\ell_i/n\\|^2` (BackPACK's ``BatchL2Grad`` for a
             mean loss; then multiplied by :math:`n^2`).
+        validate
+            ``True``: check every batch (finite, non-negative, matching sizes), which reads three scalars
+            from the device. ``False`` (for a training loop that adds every step): sizes are still
+            checked, but the values are added on the device without a host synchronisation; a non-finite
+            value then makes :attr:`result` raise at the end of the epoch instead.
         """
         size = _positive_int(n, "n")
         _check_reduction(grad_reduction, "grad_reduction")
         _check_reduction(sq_norms_reduction, "sq_norms_reduction")
+        if not validate and isinstance(sq_norms, Tensor) and sq_norms.dim() == 1:
+            self._add_unchecked(sq_norms, grad, size, grad_reduction, sq_norms_reduction)
+            return
         if isinstance(sq_norms, Tensor) and sq_norms.dim() == 1:
             if sq_norms.numel() != size:
                 raise ValueError(f"sq_norms has {sq_norms.numel()} entries but n = {size}")
@@ -480,6 +490,23 @@ class EpochDiversityAccumulator:
         self._sum_sq_norms += total * (size**2 if sq_norms_reduction == "mean" else 1)
         self.n += size
 
+    def _add_unchecked(self, sq_norms: Tensor, grad: Tensor | Sequence[Tensor], size: int, grad_reduction: Reduction,
+                       sq_norms_reduction: Reduction) -> None:
+        if sq_norms.numel() != size:
+            raise ValueError(f"sq_norms has {sq_norms.numel()} entries but n = {size}")
+        grads = _grad_list(grad, "grad")
+        entries = sum(g.numel() for g in grads)
+        if self._grad_sum is None:
+            self._grad_sum = torch.zeros(entries, dtype=self.dtype, device=grads[0].device)
+        elif entries != self._grad_sum.numel():
+            raise ValueError(f"grad has {entries} entries, earlier batches had {self._grad_sum.numel()}")
+        torch._foreach_add_(self._views(grads), grads, alpha=size if grad_reduction == "mean" else 1)
+        total = sq_norms.sum(dtype=torch.float64)
+        if sq_norms_reduction == "mean":
+            total = total * size**2
+        self._unchecked_sq_norms = total if self._unchecked_sq_norms is None else self._unchecked_sq_norms.add_(total)
+        self.n += size
+
     def _views(self, grads: list[Tensor]) -> list[Tensor]:
         """Views of the flat sum buffer shaped like ``grads`` (cached for the last layout seen)."""
         shapes = tuple(g.shape for g in grads)
@@ -496,4 +523,8 @@ class EpochDiversityAccumulator:
         """:class:`DiversityResult` over all samples added since the last :meth:`reset`."""
         if self._grad_sum is None:
             raise RuntimeError("EpochDiversityAccumulator is empty; call update() with at least one batch")
-        return DiversityResult(self._sum_sq_norms, float(self._grad_sum.square().sum()), self.n)
+        sum_sq_norms = self._sum_sq_norms
+        if self._unchecked_sq_norms is not None:  # batches added with validate=False are checked here
+            sum_sq_norms += float(self._unchecked_sq_norms)
+        # DiversityResult refuses a non-finite or negative sum and a non-finite ‖S‖² (inf or nan gradients)
+        return DiversityResult(sum_sq_norms, float(self._grad_sum.square().sum()), self.n)

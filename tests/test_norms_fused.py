@@ -54,7 +54,9 @@ def step(meter: DiversityMeter, model: nn.Module, x: Tensor, y: Tensor) -> tuple
 
 @pytest.fixture
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts backward passes through FusedConv (so a test knows the fused path really ran)."""
+    """Counts backward passes through FusedConv (so a test knows the fused path really ran), with the
+    timed decision forced to fuse (on these tiny layers the clock may prefer either path)."""
+    monkeypatch.setattr(fused_conv, "_fused_wins", lambda fused, hooks: True)
     calls: list[int] = []
     original = fused_conv.FusedConv.backward
 
@@ -104,7 +106,7 @@ def test_fused_convolutions_match_torch_func_on_later_calls(case: str, fused_cal
     assert len(fused_calls) == 4  # two conv layers, on the two unchecked calls
 
 
-def test_fused_path_is_not_a_no_op_a_dropped_bias_row_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_path_is_not_a_no_op_a_dropped_bias_row_is_caught(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
     """A plausible wrong variant (per-sample gradients without the bias row) gives other norms."""
     model, shape = _conv_model("conv1d")
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
@@ -151,21 +153,25 @@ def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_cal
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
 
-class TwiceConv(nn.Module):
-    """One convolution applied twice: its per-sample gradient is the sum over both uses."""
+class MaybeTwiceConv(nn.Module):
+    """One convolution applied once or twice (``twice``): its per-sample gradient is the sum over its uses."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv1d(3, 3, 3, padding=1)
         self.head = nn.Linear(3 * 8, 2)
+        self.twice = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+        h = torch.tanh(self.conv(x))
+        if self.twice:
+            h = torch.tanh(self.conv(h))
+        return self.head(h.flatten(1))
 
 
-def test_a_fused_layer_called_twice_sums_per_sample_gradients_over_its_uses(fused_calls: list[int]) -> None:
+def test_a_convolution_called_twice_sums_per_sample_gradients_over_its_uses() -> None:
     torch.manual_seed(1)
-    model = TwiceConv().double()
+    model = MaybeTwiceConv().double()
     x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
     expected, expected_sum = reference(model, x, y)
     meter = DiversityMeter(model)
@@ -173,7 +179,25 @@ def test_a_fused_layer_called_twice_sums_per_sample_gradients_over_its_uses(fuse
         sq_norms, of_sum = step(meter, model, x, y)
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
         assert of_sum == pytest.approx(expected_sum, rel=TOL)
+
+
+def test_a_fused_first_use_of_a_layer_used_twice_hands_over_its_per_sample_gradients(fused_calls: list[int]) -> None:
+    """Checked and fused with one use; then (same input signature) a forward pass that uses it twice: the
+    fused first use must give its per-sample gradients, to be summed with the second use's."""
+    torch.manual_seed(1)
+    model = MaybeTwiceConv().double()
+    x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
+    model.twice = False
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        step(meter, model, x, y)
+    model.twice = True
+    expected, expected_sum = reference(model, x, y)
+    fused_calls.clear()
+    sq_norms, of_sum = step(meter, model, x, y)
     assert fused_calls
+    torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+    assert of_sum == pytest.approx(expected_sum, rel=TOL)
 
 
 def test_exact_grad_keeps_autograds_gradient_bit_for_bit(fused_calls: list[int]) -> None:
@@ -309,3 +333,16 @@ def test_backward_restricted_to_some_parameters_is_refused() -> None:
             nn.functional.cross_entropy(model(x), y).backward(inputs=[model[0].weight])
         with pytest.raises(ValueError, match="no gradient"):
             meter.result
+
+
+def test_the_timed_decision_keeps_the_hook_path_when_it_is_faster(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
+    monkeypatch.setattr(fused_conv, "_fused_wins", lambda fused, hooks: False)
+    model, shape = _conv_model("conv1d")
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected, _ = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        sq_norms, _ = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+    assert not fused_calls
+    assert set(fused_conv.fused_decision(model[0]).values()) == {False}

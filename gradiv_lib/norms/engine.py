@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from gradiv_lib.norms import batch_axes, fused_conv, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
-from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
+from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, _sq_sum_rows, summed_grads
 
 Check = Literal["first_call", "every_call", "off"]
 """When the engine runs its batch-axis probe and gradient-sum check."""
@@ -154,11 +154,6 @@ class _FusedReport:
         else:
             engine._sq_norm_parts.append(part)
         layer.covered = True
-
-
-def _sq_sum_rows(t: Tensor) -> Tensor:
-    """Σ over all but the first axis of t², shape ``[B]``."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square_()
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -499,7 +494,7 @@ class PerSampleNormEngine:
         if self._batch_size is None or activation.shape[0] != self._batch_size:
             self._check_batch(layer, activation)
         index = self._call_index(layer)
-        if layer.fusable and not self._verify and self._fused_layout(layer, index) and fused_conv.fusable(module, activation, output):
+        if layer.fusable and not self._verify and self._fused_layout(layer, index) and fused_conv.fusable(module, activation, output, self._strategy):
             return fused_conv.fused_output(module, activation, output, _FusedReport(self, layer, self._batch_size))
         output.register_hook(_OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output)))
         return None
@@ -651,6 +646,8 @@ class PerSampleNormEngine:
                     self._sq_norm_parts.append(sq_norms)
                     if self._verify:
                         self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output), sq_norms)
+                        if layer.fusable:  # time fusing against this path, once per shape (fused_conv.decide)
+                            fused_conv.decide(module, saved, grad_output, self._strategy)
         layer.covered = True
 
     def _on_fallback_output_grads(

@@ -14,7 +14,9 @@ batched GEMM, their squared norms, and the weight and bias gradients as their su
 So measuring costs the im2col copy and the norms instead of a second weight-gradient convolution.
 ``.grad`` then equals autograd's up to float rounding (the same sum, added in another order; measured
 differences are ~1e-7 of the gradient in float32), not bit for bit: :class:`~gradiv_lib.norms.DiversityMeter`
-takes ``exact_grad=True`` for that. The engine uses this path only where it is exact by construction:
+takes ``exact_grad=True`` for that. The engine uses this path where it was timed faster than autograd's
+weight gradient plus the hook rule's norms (once per layer and shape, :func:`decide`), and only where it
+is exact by construction:
 float32/float64 without autocast, zero padding, batch on axis 0, a layer whose output carries no other
 tensor hooks, and never on the checked first call of a model (``check``). Second derivatives through
 it raise (``once_differentiable``) instead of being silently wrong.
@@ -22,31 +24,102 @@ it raise (``once_differentiable``) instead of being silently wrong.
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from gradiv_lib.norms.rules import _CACHE_CHUNK_ELEMENTS, _conv_factors_with_ones
+from gradiv_lib.norms.fastest import _clock, _synchronize
+from gradiv_lib.norms.rules import _CACHE_CHUNK_ELEMENTS, _conv_factors_with_ones, _conv_plans, _sq_sum_rows
 
 FUSABLE_TYPES = (nn.Conv1d, nn.Conv2d)
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
 
 
-def fusable(module: nn.Module, x: Tensor, y: Tensor) -> bool:
-    """Whether :class:`FusedConv` reproduces this call of ``module`` exactly (see the module docstring)."""
+_decisions: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], bool]] = weakref.WeakKeyDictionary()
+"""Per module and (input shape, output shape, dtype, device, strategy, bias): whether fusing was timed
+faster than autograd's weight gradient plus the hook rule's norms (``decide``)."""
+
+
+def _key(module: nn.Module, x: Tensor, y: Tensor, strategy: str) -> tuple[Any, ...]:
+    return (x.shape, y.shape, x.dtype, x.device, strategy, module.bias is not None and module.bias.requires_grad)
+
+
+def _eligible(module: nn.Module, x: Tensor, y: Tensor) -> bool:
     return (
         module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
         and module.weight.requires_grad
         and y.dtype in _FUSABLE_DTYPES
         and x.dtype == y.dtype == module.weight.dtype
+    )
+
+
+def fusable(module: nn.Module, x: Tensor, y: Tensor, strategy: str) -> bool:
+    """Whether :class:`FusedConv` reproduces this call of ``module`` exactly (see the module docstring)
+    and was timed faster than the hook rule for these shapes (:func:`decide`, on the checked first call)."""
+    known = _decisions.get(module)
+    return (
+        known is not None
+        and known.get(_key(module, x, y, strategy), False)
         and not y._backward_hooks
         and y.grad_fn is not None
         and not torch.is_autocast_enabled(y.device.type)
     )
+
+
+def decide(module: nn.Module, x: Tensor, g: Tensor, strategy: str) -> None:
+    """Time, once per shape, the fused backward work (per-sample gradients, their norms and their sum)
+    against what it replaces (autograd's weight-gradient convolution plus the rule's norms, with the
+    method the autotuner chose for these shapes), interleaved, best of three, on the layer's real
+    input and output gradient; remember whether fusing is faster. Materialising costs as many
+    multiply-adds as the weight gradient it replaces, so it wins where materialising is the best norm
+    method anyway; where the Gram form is much cheaper (few positions, many channels) it may not."""
+    key = _key(module, x, g, strategy)
+    known = _decisions.setdefault(module, {})
+    if key in known:
+        return
+    plan = _conv_plans.get(module, {}).get(key)
+    if plan is None or not _eligible(module, x, g):
+        known[key] = False
+        return
+    chunked, method, elements = plan
+    bias = key[-1]
+    bias_sizes = [module.out_channels] if bias else None
+    candidates = {
+        "hooks": lambda: (
+            chunked(partial(method, module, bias=bias), x, g, elements),
+            torch.ops.aten.convolution_backward(
+                g, x, module.weight, bias_sizes, module.stride, module.padding, module.dilation, False,
+                [0] * (x.dim() - 2), module.groups, [False, True, bias],
+            ),
+        ),
+        "fused": lambda: summed_per_sample_grads(module, x, g, bias, lambda grads, start: _sq_sum_rows(grads)),
+    }
+    clock, best = _clock(x.device), {name: math.inf for name in candidates}
+    for _ in range(3):
+        for name, run in candidates.items():
+            _synchronize(x.device)
+            begin = clock()
+            run()
+            _synchronize(x.device)
+            best[name] = min(best[name], clock() - begin)
+    known[key] = _fused_wins(best["fused"], best["hooks"])
+
+
+def _fused_wins(fused_seconds: float, hooks_seconds: float) -> bool:
+    """The decision rule of :func:`decide` (the tests replace it to force either path)."""
+    return fused_seconds < hooks_seconds
+
+
+def fused_decision(module: nn.Module) -> dict[tuple[Any, ...], bool]:
+    """What :func:`decide` found for ``module``, per shape key (for tests and benchmarks)."""
+    return dict(_decisions.get(module, {}))
 
 
 def per_sample_weight_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
@@ -54,6 +127,26 @@ def per_sample_weight_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool)
     (rows: input channel × kernel position, plus the bias as the last row when ``bias``)."""
     a, d = _conv_factors_with_ones(module, x, g, bias)
     return torch.matmul(a, d.transpose(-1, -2))
+
+
+def summed_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool, report: Callable[[Tensor, int], Any]) -> Tensor:
+    """Σ_i G_iᵀ (``[G, d (+1), p]``), the per-sample gradients formed in batch chunks of about
+    ``_CACHE_CHUNK_ELEMENTS`` elements (each handed to ``report(grads, start)`` first)."""
+    batch = x.shape[0]
+    rows = module.in_channels // module.groups * math.prod(module.kernel_size) + (1 if bias else 0)
+    positions = math.prod(g.shape[2:])
+    chunk = max(1, _CACHE_CHUNK_ELEMENTS // max(1, rows * (module.out_channels + positions * module.groups)))
+    if chunk >= batch:
+        grads = per_sample_weight_grads(module, x, g, bias)
+        report(grads, 0)
+        return grads.sum(0)
+    summed = None
+    for start in range(0, batch, chunk):
+        grads = per_sample_weight_grads(module, x[start : start + chunk], g[start : start + chunk], bias)
+        report(grads, start)
+        part = grads.sum(0)
+        summed = part if summed is None else summed.add_(part)
+    return summed
 
 
 def _weight_and_bias(module: nn.Module, summed: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -90,17 +183,7 @@ class FusedConv(torch.autograd.Function):
                 grad_output, x, weight, None, module.stride, module.padding, module.dilation, False,
                 [0] * dims, module.groups, [True, False, False],
             )[0]
-        x, g = x.detach(), grad_output
-        batch = x.shape[0]
-        rows = module.in_channels // module.groups * weight[0, 0].numel() + (1 if bias else 0)
-        per_sample = rows * module.out_channels + rows * g[0, 0].numel() * module.groups
-        chunk = max(1, _CACHE_CHUNK_ELEMENTS // max(1, per_sample))
-        summed = None
-        for start in range(0, batch, chunk):
-            grads = per_sample_weight_grads(module, x[start : start + chunk], g[start : start + chunk], bias)
-            ctx.report(grads, start)
-            part = grads.sum(0)
-            summed = part if summed is None else summed.add_(part)
+        summed = summed_per_sample_grads(module, x.detach(), grad_output, bias, ctx.report)
         weight_grad, bias_grad = _weight_and_bias(module, summed, bias)
         return grad_input, weight_grad, bias_grad, None, None, None
 

@@ -458,7 +458,8 @@ def train(
                             grads = [p.grad for p in params]
                         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
                         if accumulator is not None:
-                            accumulator.update(sq_norms, grads, n, grad_reduction=reduction)
+                            # no per-step host synchronisation: checked once, when the epoch's result is read
+                            accumulator.update(sq_norms, grads, n, grad_reduction=reduction, validate=False)
                     schedule.observe(n=n, grad=grads, sq_norms=sq_norms, grad_reduction=reduction)
                     opt.step()
                     loss_sum += loss.detach().double() * (n if reduction == "mean" else 1)
