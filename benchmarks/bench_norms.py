@@ -182,6 +182,68 @@ def meter_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return step
 
 
+def meter_held_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """The meter with its hooks kept registered across steps (``hold()``, as ``gradiv_lib.train`` does)."""
+    criterion, meter = _criterion(), DiversityMeter(model, loss_reduction="mean").hold()
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        with meter:
+            criterion(model(x), y).backward()
+        return meter.result.diversity
+
+    return step
+
+
+def meter_exact_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """The meter with ``exact_grad=True``: autograd computes every weight gradient (bit-identical ``.grad``)."""
+    criterion, meter = _criterion(), DiversityMeter(model, loss_reduction="mean", exact_grad=True)
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        with meter:
+            criterion(model(x), y).backward()
+        return meter.result.diversity
+
+    return step
+
+
+def minimal_hooks_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """The least work any hook-based meter does on a network of Linear layers, with none of the checks:
+    a forward hook per layer that puts a tensor hook on its output, two row norms per layer in the
+    backward pass, one norm of the gradient when the pass ends, and the combination (Δ as a float).
+    Not a usable meter (no batch-axis, shared-parameter or coverage checks, 2-D Linear only): it shows
+    how much of ``gradiv_meter``'s overhead is the hooks and arithmetic themselves."""
+    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    if not all(type(m) is nn.Linear and m.bias is not None for m in layers):
+        raise NotImplementedError("minimal_hooks covers networks of Linear layers (with bias) only")
+    criterion, params, engine = _criterion(), [p for p in model.parameters() if p.requires_grad], torch.autograd.Variable._execution_engine
+    state: dict[str, object] = {}
+
+    def on_grad(a: Tensor, g: Tensor) -> None:
+        if not state["queued"]:
+            state["queued"] = True
+            engine.queue_callback(lambda: state.__setitem__("grad_norms", torch._foreach_norm([p.grad for p in params])))
+        state["parts"].append((torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(g, dim=1)))
+
+    def on_forward(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        output.register_hook(lambda g, a=args[0]: on_grad(a, g))
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        state.update(parts=[], queued=False)
+        handles = [m.register_forward_hook(on_forward) for m in layers]
+        criterion(model(x), y).backward()
+        for handle in handles:
+            handle.remove()
+        u = torch.stack([a for a, _ in state["parts"]]).square_()
+        v = torch.stack([g for _, g in state["parts"]]).square_()
+        per_sample = u.add_(1.0).mul_(v).sum(0)
+        return float(per_sample.sum(dtype=torch.float64)) / float(torch.linalg.vector_norm(torch.stack(state["grad_norms"]), dtype=torch.float64)) ** 2
+
+    return step
+
+
 def function_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     criterion = _criterion()
     return lambda: gradient_diversity(model, criterion, x, y).diversity
@@ -279,6 +341,9 @@ def opacus_grad_sample_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
 METHODS: dict[str, Callable[[nn.Module, Tensor, Tensor], Step]] = {
     "plain": plain_step,
     "gradiv_meter": meter_step,
+    "gradiv_meter_held": meter_held_step,
+    "gradiv_meter_exact": meter_exact_step,
+    "minimal_hooks": minimal_hooks_step,
     "gradiv_function": function_step,
     "backpack_batch_l2": backpack_step,
     "opacus_ghost": opacus_ghost_step,

@@ -270,6 +270,7 @@ def test_epoch_accumulator_reproduces_full_batch_diversity_for_any_partition(siz
     full = gradient_diversity(model, nn.CrossEntropyLoss(), x, y)
     params = list(model.parameters())
     from_meter, from_sums, backpack_style = EpochDiversityAccumulator(), EpochDiversityAccumulator(), EpochDiversityAccumulator()
+    unchecked, unchecked_mean = EpochDiversityAccumulator(), EpochDiversityAccumulator()  # validate=False (train's path)
     start = 0
     for size in sizes:
         xb, yb = x[start : start + size], y[start : start + size]
@@ -281,7 +282,9 @@ def test_epoch_accumulator_reproduces_full_batch_diversity_for_any_partition(siz
         from_meter.update(meter.sq_norms, mean_grad, size, grad_reduction="mean")
         from_sums.update(float(meter.sq_norms.sum()), [g * size for g in mean_grad], size)
         backpack_style.update(meter.sq_norms / size**2, torch.cat([g.flatten() for g in mean_grad]), size, grad_reduction="mean", sq_norms_reduction="mean")
-    for accumulator in (from_meter, from_sums, backpack_style):
+        unchecked.update(meter.sq_norms, mean_grad, size, grad_reduction="mean", validate=False)
+        unchecked_mean.update(meter.sq_norms / size**2, mean_grad, size, grad_reduction="mean", sq_norms_reduction="mean", validate=False)
+    for accumulator in (from_meter, from_sums, backpack_style, unchecked, unchecked_mean):
         assert accumulator.n == 23
         assert accumulator.result.sum_sq_norms == pytest.approx(full.sum_sq_norms, rel=1e-10)
         assert accumulator.result.diversity == pytest.approx(full.diversity, rel=1e-10)
@@ -307,3 +310,22 @@ def test_epoch_accumulator_validation_and_reset() -> None:
     assert accumulator.result == DiversityResult(2.0, 4.0, 2)
     accumulator.reset()
     assert accumulator.n == 0
+
+
+def test_unvalidated_updates_are_checked_when_the_result_is_read() -> None:
+    """update(validate=False) skips the per-batch host synchronisation, not the checks: sizes are checked at
+    once, and a non-finite batch makes the epoch's result raise."""
+    accumulator = EpochDiversityAccumulator()
+    with pytest.raises(ValueError, match=r"sq_norms has 3 entries but n = 2"):
+        accumulator.update(torch.ones(3), torch.ones(4), 2, validate=False)
+    accumulator.update(torch.ones(2), torch.ones(4), 2, validate=False)
+    with pytest.raises(ValueError, match="grad has 3 entries, earlier batches had 4"):
+        accumulator.update(torch.ones(1), torch.ones(3), 1, validate=False)
+    assert accumulator.result == DiversityResult(2.0, 4.0, 2)
+    accumulator.update(torch.ones(1), torch.tensor([1.0, math.nan, 0.0, 0.0]), 1, validate=False)
+    with pytest.raises(ValueError, match="sq_norm_of_sum must be finite"):
+        accumulator.result
+    accumulator.reset()
+    accumulator.update(torch.tensor([1.0, math.inf]), torch.ones(4), 2, validate=False)
+    with pytest.raises(ValueError, match="sum_sq_norms must be finite"):
+        accumulator.result
