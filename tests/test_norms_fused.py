@@ -346,3 +346,21 @@ def test_the_timed_decision_keeps_the_hook_path_when_it_is_faster(monkeypatch: p
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
     assert not fused_calls
     assert set(fused_conv.fused_decision(model[0]).values()) == {False}
+
+
+def test_parameters_frozen_after_building_are_left_out_and_unfrozen_ones_are_refused() -> None:
+    model, (x, y) = _mlp(), _batch()
+    meter = DiversityMeter(model)
+    step(meter, model, x, y)
+    model[0].weight.requires_grad_(False)  # frozen after building: its gradient is simply not measured
+    expected, expected_sum = reference(model, x, y)
+    sq_norms, of_sum = step(meter, model, x, y)
+    torch.testing.assert_close(sq_norms, expected, rtol=TOL, atol=0.0)
+    assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    model[0].weight.requires_grad_(True)
+    frozen_first = _mlp()
+    frozen_first[0].requires_grad_(False)
+    late = DiversityMeter(frozen_first)
+    frozen_first[0].requires_grad_(True)  # unfrozen after building: the meter would leave it out
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] were frozen .* Build a new meter"):
+        step(late, frozen_first, x, y)

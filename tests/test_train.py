@@ -232,3 +232,25 @@ def test_optimizer_instance_and_lr_conflict(blobs):
         train(model, train_data, schedule=8, epochs=1, lr=0.1, optimizer=opt, progress=False)
     with pytest.raises(TypeError, match=r"InMemoryData, an \(x, y\) pair of tensors or a map-style torch Dataset"):
         train(model, [1, 2, 3], schedule=8, epochs=1, optimizer=opt, progress=False)
+
+
+def test_measuring_meter_follows_parameters_frozen_and_unfrozen_between_epochs(blobs):
+    """train() keeps one meter across epochs while the trainable parameters stay the same, and builds a new
+    one when on_epoch_end changes them: with lr = 0 each epoch's Δ must be the full-data Δ of the parameters
+    trainable in that epoch. A meter kept after unfreezing refuses to measure (it planned without them)."""
+    train_data, _ = blobs
+    model = net()
+    loss = nn.CrossEntropyLoss()
+    all_params = gradient_diversity(model, loss, train_data.x, train_data.y)
+    model[1].requires_grad_(False)  # the first Linear layer
+    head_only = gradient_diversity(model, loss, train_data.x, train_data.y)
+
+    def toggle(epoch, model, history):
+        model[1].requires_grad_(epoch % 2 == 0)  # unfrozen after epoch 0, frozen after epoch 1
+
+    h = train(model, train_data, schedule=8, epochs=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+              measure_diversity=True, on_epoch_end=toggle, progress=False)
+    assert h.diversity[0] == pytest.approx(head_only.diversity, rel=1e-4)
+    assert h.diversity[1] == pytest.approx(all_params.diversity, rel=1e-4)
+    assert h.diversity[2] == pytest.approx(head_only.diversity, rel=1e-4)
+    assert abs(head_only.diversity / all_params.diversity - 1) > 1e-3  # the two sets give different numbers

@@ -268,6 +268,7 @@ class PerSampleNormEngine:
             )
         self._model = model
         self._parameter_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        self._frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
         self._layers = _plan_layers(model)
         for layer in self._layers:
             layer.fusable = fuse_convolutions and isinstance(layer.module, fused_conv.FUSABLE_TYPES) and not layer.shares_parameters
@@ -353,6 +354,13 @@ class PerSampleNormEngine:
         self._parameter_handles = []
 
     def __enter__(self) -> PerSampleNormEngine:
+        if self._frozen and any(p.requires_grad for p in self._frozen.values()):
+            thawed = [name for name, p in self._frozen.items() if p.requires_grad]
+            raise ValueError(
+                f"parameters {thawed} were frozen (requires_grad=False) when this meter was built and are trainable "
+                "now; the meter plans its hooks for the parameters trainable at construction, so it would leave "
+                "their gradients out. Build a new meter after unfreezing parameters."
+            )
         self.reset()
         self._idle = False
         # grad_source="backward": when every .grad is empty, the gradient of this backward pass is what
@@ -783,8 +791,8 @@ class PerSampleNormEngine:
                 "exactly one backward pass (start a new one per micro-batch)"
             )
         covered = {pid for layer in self._layers if layer.covered for pid in layer.param_ids}
-        unreached = [self._parameter_names[pid] for layer in self._layers if layer.covered and layer.rule is not None
-                     for pid in layer.param_ids if pid not in self._grad_counts]
+        unreached = [self._parameter_names[id(p)] for layer in self._layers if layer.covered and layer.rule is not None
+                     for p in layer.params.values() if id(p) not in self._grad_counts and p.requires_grad]
         if unreached:
             raise ValueError(
                 f"parameters {unreached} belong to layers whose per-sample gradients were measured, but the backward "

@@ -73,10 +73,14 @@ def fusable(module: nn.Module, x: Tensor, y: Tensor, strategy: str) -> bool:
     )
 
 
+_ROUNDS = 5
+"""Interleaved timing rounds of :func:`decide` (best of each; once per layer and shape)."""
+
+
 def decide(module: nn.Module, x: Tensor, g: Tensor, strategy: str) -> None:
     """Time, once per shape, the fused backward work (per-sample gradients, their norms and their sum)
     against what it replaces (autograd's weight-gradient convolution plus the rule's norms, with the
-    method the autotuner chose for these shapes), interleaved, best of three, on the layer's real
+    method the autotuner chose for these shapes), interleaved, best of :data:`_ROUNDS`, on the layer's real
     input and output gradient; remember whether fusing is faster. Materialising costs as many
     multiply-adds as the weight gradient it replaces, so it wins where materialising is the best norm
     method anyway; where the Gram form is much cheaper (few positions, many channels) it may not."""
@@ -102,7 +106,7 @@ def decide(module: nn.Module, x: Tensor, g: Tensor, strategy: str) -> None:
         "fused": lambda: summed_per_sample_grads(module, x, g, bias, lambda grads, start: _sq_sum_rows(grads)),
     }
     clock, best = _clock(x.device), {name: math.inf for name in candidates}
-    for _ in range(3):
+    for _ in range(_ROUNDS):
         for name, run in candidates.items():
             _synchronize(x.device)
             begin = clock()

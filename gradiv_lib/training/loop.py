@@ -397,7 +397,7 @@ def train(
             if parallel is not None:
                 parallel.barrier()
 
-        meter = None
+        meter = kept_meter = kept_for = None
         bar = tqdm(total=epochs, initial=start_epoch, disable=not progress or finished, desc=schedule.name, unit="epoch")
         try:
             for epoch in range(start_epoch, epochs):
@@ -412,10 +412,20 @@ def train(
                 accumulator = EpochDiversityAccumulator() if measure and not schedule_measures else None
                 epoch_lr, epoch_lr_scale = float(opt.param_groups[0]["lr"]), schedule.lr_scale
                 model.train()
-                # one meter (hooks planned once) and one BatchNorm scan per epoch, not per step; rebuilt every
-                # epoch because on_epoch_end may freeze or unfreeze parameters
+                # one BatchNorm scan per epoch, not per step; one meter (hooks planned once) for as long as the
+                # trainable parameters stay the same (on_epoch_end may freeze or unfreeze some)
                 batch_norms = _train_batch_norms(model) if measure else []
-                meter = DiversityMeter(model, loss_reduction=reduction).hold() if measure and not batch_norms else None
+                # the parameters trainable in this epoch: the measurement (and the gradient exchange between
+                # processes) covers exactly these, even if on_epoch_end froze or unfroze some
+                params = [p for p in model.parameters() if p.requires_grad]
+                if not params:
+                    raise ValueError(f"epoch {epoch}: the model has no trainable parameters left (on_epoch_end froze them all)")
+                meter = None
+                if measure and not batch_norms:
+                    trainable = tuple(id(p) for p in params)
+                    if kept_meter is None or kept_for != trainable:
+                        kept_meter, kept_for = DiversityMeter(model, loss_reduction=reduction), trainable
+                    meter = kept_meter.hold()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
