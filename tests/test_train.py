@@ -254,3 +254,22 @@ def test_measuring_meter_follows_parameters_frozen_and_unfrozen_between_epochs(b
     assert h.diversity[1] == pytest.approx(all_params.diversity, rel=1e-4)
     assert h.diversity[2] == pytest.approx(head_only.diversity, rel=1e-4)
     assert abs(head_only.diversity / all_params.diversity - 1) > 1e-3  # the two sets give different numbers
+
+
+def test_measuring_changes_no_weight_bit_for_bit_with_convolutions(monkeypatch):
+    """train(measure_diversity=True) keeps autograd's weight gradients (the meter's exact_grad=True): the
+    same run with and without the measurement ends with identical weights, convolutions included (with the
+    meter's timed choice forced to fuse, so the default meter would change the last bits)."""
+    from gradiv_lib.norms import fused_conv
+
+    monkeypatch.setattr(fused_conv, "_fused_wins", lambda fused, hooks: True)
+    x, y = torch.randn(64, 1, 40), torch.randint(0, 3, (64,))
+
+    def conv_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(), nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 38, 3))
+
+    measured, plain = conv_net(), conv_net()
+    train(measured, (x, y), schedule=16, epochs=3, lr=0.1, measure_diversity=True, progress=False)
+    train(plain, (x, y), schedule=16, epochs=3, lr=0.1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(measured.parameters(), plain.parameters()))

@@ -13,7 +13,8 @@ device, so the batch size can change between epochs at no cost) or any map-style
   rescale on, as in the DiveBatch code;
 * per-sample gradient norms (:class:`gradiv_lib.norms.DiversityMeter`) are computed only in the epochs
   where the schedule needs them (or every epoch with ``measure_diversity=True``), during the ordinary
-  backward pass;
+  backward pass, with ``exact_grad=True``: a run that measures updates the weights bit for bit as the
+  same run without the measurement would;
 * :class:`History` records per epoch the loss, train/test accuracy, batch size, learning rate,
   :math:`\\hat\\Delta`, cumulative optimizer steps, samples and seconds, and the steps, samples and seconds
   to a target accuracy; with ``eval_every=k`` it also records the test accuracy every ``k`` optimizer steps,
@@ -424,7 +425,11 @@ def train(
                 if measure and not batch_norms:
                     trainable = tuple(id(p) for p in params)
                     if kept_meter is None or kept_for != trainable:
-                        kept_meter, kept_for = DiversityMeter(model, loss_reduction=reduction), trainable
+                        # exact_grad: autograd's own weight gradients, so a run that measures is bit for bit
+                        # the run that does not (and the same on every rerun: the meter's fused convolutions
+                        # are chosen by timing and equal autograd's only to rounding, which training amplifies)
+                        kept_meter = DiversityMeter(model, loss_reduction=reduction, exact_grad=True)
+                        kept_for = trainable
                     meter = kept_meter.hold()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
