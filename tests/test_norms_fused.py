@@ -138,7 +138,8 @@ def test_fused_input_gradient_is_autograds(fused_calls: list[int]) -> None:
 
 
 def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
-    monkeypatch.setattr(fused_conv, "_CACHE_CHUNK_ELEMENTS", 64)  # a few samples per chunk
+    # 2-3 samples per chunk in both layers (19·(6 + 36·2) = 1482 and 55·(5 + 36) = 2255 elements per sample)
+    monkeypatch.setattr(fused_conv, "_CACHE_CHUNK_ELEMENTS", 5000)
     model, shape = _conv_model("conv2d_groups2_dilation2")
     x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 3, (7,))
     expected, expected_sum = reference(model, x, y)
@@ -364,3 +365,45 @@ def test_parameters_frozen_after_building_are_left_out_and_unfrozen_ones_are_ref
     frozen_first[0].requires_grad_(True)  # unfrozen after building: the meter would leave it out
     with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] were frozen .* Build a new meter"):
         step(late, frozen_first, x, y)
+
+
+def test_the_timed_decision_times_the_fused_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decide() must time the real fused work: made slow, it loses against autograd's weight gradient."""
+    import time
+
+    original = fused_conv.summed_per_sample_grads
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_conv, "summed_per_sample_grads", slow)
+    model, shape = _conv_model("conv1d")
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    step(DiversityMeter(model), model, x, y)
+    assert set(fused_conv.fused_decision(model[0]).values()) == {False}
+
+
+class ConvOnly(nn.Module):
+    """Convolutions only (the logits are a spatial mean): every layer with parameters is fused, so the
+    fused path alone must trigger the end-of-backward read of .grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(torch.tanh(self.first(x))).mean((2, 3))
+
+
+def test_a_network_of_fused_convolutions_only(fused_calls: list[int]) -> None:
+    torch.manual_seed(4)
+    model = ConvOnly().double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    expected, expected_sum = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        sq_norms, of_sum = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    assert len(fused_calls) == 4

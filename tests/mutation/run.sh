@@ -46,6 +46,7 @@ for m in "$@"; do
   rm -rf "$dir"; mkdir -p "$dir/tests"
   if [ -n "$rev" ]; then
     git -C "$root" archive "$rev" gradiv_lib pyproject.toml | tar -x -C "$dir"
+    git -C "$root" show "$rev:tests/conftest.py" > "$dir/tests/conftest.py" 2>/dev/null || rm -f "$dir/tests/conftest.py"
     present=""
     for t in $tests; do
       if git -C "$root" cat-file -e "$rev:$t" 2>/dev/null; then git -C "$root" show "$rev:$t" > "$dir/$t"; present="$present $t"; fi
@@ -53,6 +54,7 @@ for m in "$@"; do
     tests="$(echo $present)"
   else
     cp -r "$root/gradiv_lib" "$dir/"; cp "$root/pyproject.toml" "$dir/"
+    [ -f "$root/tests/conftest.py" ] && cp "$root/tests/conftest.py" "$dir/tests/"  # shared fixtures (one_thread)
     present=""
     for t in $tests; do [ -f "$root/$t" ] && { cp "$root/$t" "$dir/$t"; present="$present $t"; }; done
     tests="$(echo $present)"
@@ -75,6 +77,10 @@ for m in "$@"; do
     "$mutmut" run --max-children 1 $names > run.log 2>&1 || true
   else
     "$mutmut" run --max-children 1 > run.log 2>&1 || true
+  fi
+  if grep -qs "failed to collect stats" "$dir"/list.log "$dir"/run.log; then
+    echo "   $m: the module's tests fail on the unmutated code in the scratch copy (see $dir/run.log); no kill rate" >&2
+    exit 1
   fi
   "$python" "$here/summarize.py" summary "$dir" "$m" "$sample" "$seed" "$(( $(date +%s) - start ))" "${rev:-worktree}"
   if [ -n "$paired" ] && [ -d "$paired/$m/mutants" ]; then
