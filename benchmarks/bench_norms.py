@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -170,34 +171,13 @@ def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return step
 
 
-def meter_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
-    criterion, meter = _criterion(), DiversityMeter(model, loss_reduction="mean")
-
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        with meter:
-            criterion(model(x), y).backward()
-        return meter.result.diversity
-
-    return step
-
-
-def meter_held_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
-    """The meter with its hooks kept registered across steps (``hold()``, as ``gradiv_lib.train`` does)."""
-    criterion, meter = _criterion(), DiversityMeter(model, loss_reduction="mean").hold()
-
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        with meter:
-            criterion(model(x), y).backward()
-        return meter.result.diversity
-
-    return step
-
-
-def meter_exact_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
-    """The meter with ``exact_grad=True``: autograd computes every weight gradient (bit-identical ``.grad``)."""
-    criterion, meter = _criterion(), DiversityMeter(model, loss_reduction="mean", exact_grad=True)
+def meter_step(model: nn.Module, x: Tensor, y: Tensor, *, hold: bool = False, exact_grad: bool = False) -> Step:
+    """The meter around the user's own step, created once, ``with meter:`` every step; ``hold``: hooks kept
+    registered across steps (as ``gradiv_lib.train`` does); ``exact_grad``: autograd computes every weight
+    gradient (bit-identical ``.grad``)."""
+    criterion, meter = _criterion(), DiversityMeter(model, loss_reduction="mean", exact_grad=exact_grad)
+    if hold:
+        meter.hold()
 
     def step() -> float:
         model.zero_grad(set_to_none=True)
@@ -341,8 +321,8 @@ def opacus_grad_sample_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
 METHODS: dict[str, Callable[[nn.Module, Tensor, Tensor], Step]] = {
     "plain": plain_step,
     "gradiv_meter": meter_step,
-    "gradiv_meter_held": meter_held_step,
-    "gradiv_meter_exact": meter_exact_step,
+    "gradiv_meter_held": functools.partial(meter_step, hold=True),
+    "gradiv_meter_exact": functools.partial(meter_step, exact_grad=True),
     "minimal_hooks": minimal_hooks_step,
     "gradiv_function": function_step,
     "backpack_batch_l2": backpack_step,
