@@ -467,44 +467,29 @@ class EpochDiversityAccumulator:
         size = _positive_int(n, "n")
         _check_reduction(grad_reduction, "grad_reduction")
         _check_reduction(sq_norms_reduction, "sq_norms_reduction")
-        if not validate and isinstance(sq_norms, Tensor) and sq_norms.dim() == 1:
-            self._add_unchecked(sq_norms, grad, size, grad_reduction, sq_norms_reduction)
-            return
         if isinstance(sq_norms, Tensor) and sq_norms.dim() == 1:
             if sq_norms.numel() != size:
                 raise ValueError(f"sq_norms has {sq_norms.numel()} entries but n = {size}")
-            total = _sum_of_sq_norms(sq_norms)
+            # validate=False: a device-side float64 sum, checked when the result is read
+            total = _sum_of_sq_norms(sq_norms) if validate else sq_norms.sum(dtype=torch.float64)
         else:
             total = _finite_non_negative(sq_norms, "sq_norms")
         grads = _grad_list(grad, "grad")
         entries = sum(g.numel() for g in grads)
         if self._grad_sum is not None and entries != self._grad_sum.numel():
             raise ValueError(f"grad has {entries} entries, earlier batches had {self._grad_sum.numel()}")
-        if not _all_finite(grads):
+        if validate and not _all_finite(grads):
             raise ValueError("grad contains inf or nan")
         if self._grad_sum is None:
             self._grad_sum = torch.zeros(entries, dtype=self.dtype, device=grads[0].device)
         # added in place, parameter by parameter, into views of one flat buffer: no concatenated copy and
         # no float64 temporary per batch (the float32 entries are promoted inside the addition)
         torch._foreach_add_(self._views(grads), grads, alpha=size if grad_reduction == "mean" else 1)
-        self._sum_sq_norms += total * (size**2 if sq_norms_reduction == "mean" else 1)
-        self.n += size
-
-    def _add_unchecked(self, sq_norms: Tensor, grad: Tensor | Sequence[Tensor], size: int, grad_reduction: Reduction,
-                       sq_norms_reduction: Reduction) -> None:
-        if sq_norms.numel() != size:
-            raise ValueError(f"sq_norms has {sq_norms.numel()} entries but n = {size}")
-        grads = _grad_list(grad, "grad")
-        entries = sum(g.numel() for g in grads)
-        if self._grad_sum is None:
-            self._grad_sum = torch.zeros(entries, dtype=self.dtype, device=grads[0].device)
-        elif entries != self._grad_sum.numel():
-            raise ValueError(f"grad has {entries} entries, earlier batches had {self._grad_sum.numel()}")
-        torch._foreach_add_(self._views(grads), grads, alpha=size if grad_reduction == "mean" else 1)
-        total = sq_norms.sum(dtype=torch.float64)
-        if sq_norms_reduction == "mean":
-            total = total * size**2
-        self._unchecked_sq_norms = total if self._unchecked_sq_norms is None else self._unchecked_sq_norms.add_(total)
+        total = total * (size**2 if sq_norms_reduction == "mean" else 1)
+        if isinstance(total, Tensor):
+            self._unchecked_sq_norms = total if self._unchecked_sq_norms is None else self._unchecked_sq_norms.add_(total)
+        else:
+            self._sum_sq_norms += total
         self.n += size
 
     def _views(self, grads: list[Tensor]) -> list[Tensor]:

@@ -144,13 +144,8 @@ class _FusedReport:
         part = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
         self._parts = []
         if materialize:
-            module = layer.module
-            bias = "bias" in layer.params
-            rows = part.shape[2] - (1 if bias else 0)
-            per_sample = {"weight": part[:, :, :rows].transpose(2, 3).reshape(part.shape[0], *module.weight.shape)}
-            if bias:
-                per_sample["bias"] = part[:, :, rows].reshape(part.shape[0], -1)
-            engine._add_per_sample_grads(layer, per_sample)
+            weight, bias = fused_conv.weight_and_bias(layer.module, part, "bias" in layer.params)
+            engine._add_per_sample_grads(layer, {"weight": weight} if bias is None else {"weight": weight, "bias": bias})
         else:
             engine._sq_norm_parts.append(part)
         layer.covered = True

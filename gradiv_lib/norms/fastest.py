@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,6 +73,22 @@ def _clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
+def time_interleaved(candidates: dict[str, Callable[[], Any]], device: torch.device, rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best time of each candidate over ``rounds`` interleaved rounds (a burst of other work hits every
+    candidate alike), with device synchronisation and :func:`_clock`; and each one's last result."""
+    timings: dict[str, float] = {name: math.inf for name in candidates}
+    results: dict[str, Any] = {}
+    clock = _clock(device)
+    for _ in range(rounds):
+        for name, candidate in candidates.items():
+            _synchronize(device)
+            start = clock()
+            results[name] = candidate()
+            _synchronize(device)
+            timings[name] = min(timings[name], clock() - start)
+    return timings, results
+
+
 def run_fastest(key: Hashable, candidates: dict[str, Callable[[], Tensor]], device: torch.device) -> Tensor:
     """Return the result of the fastest candidate for ``key``.
 
@@ -85,16 +102,7 @@ def run_fastest(key: Hashable, candidates: dict[str, Callable[[], Tensor]], devi
     winner = _winners.get(key)
     if winner is not None:
         return candidates[winner]()
-    timings: dict[str, float] = {name: math.inf for name in candidates}
-    results: dict[str, Tensor] = {}
-    clock = _clock(device)
-    for _ in range(_ROUNDS):  # interleaved rounds, best of each: a burst of other work hits every candidate alike
-        for name, candidate in candidates.items():
-            _synchronize(device)
-            start = clock()
-            results[name] = candidate()
-            _synchronize(device)
-            timings[name] = min(timings[name], clock() - start)
+    timings, results = time_interleaved(candidates, device, _ROUNDS)
     check_agreement(key, results)
     winner = min(timings, key=timings.__getitem__)
     _winners[key] = winner

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from gradiv_lib.norms.fastest import _clock, _synchronize
+from gradiv_lib.norms.fastest import time_interleaved
 from gradiv_lib.norms.rules import _CACHE_CHUNK_ELEMENTS, _conv_factors_with_ones, _conv_plans, _sq_sum_rows
 
 FUSABLE_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -105,14 +105,7 @@ def decide(module: nn.Module, x: Tensor, g: Tensor, strategy: str) -> None:
         ),
         "fused": lambda: summed_per_sample_grads(module, x, g, bias, lambda grads, start: _sq_sum_rows(grads)),
     }
-    clock, best = _clock(x.device), {name: math.inf for name in candidates}
-    for _ in range(_ROUNDS):
-        for name, run in candidates.items():
-            _synchronize(x.device)
-            begin = clock()
-            run()
-            _synchronize(x.device)
-            best[name] = min(best[name], clock() - begin)
+    best, _ = time_interleaved(candidates, x.device, _ROUNDS)
     known[key] = _fused_wins(best["fused"], best["hooks"])
 
 
@@ -153,11 +146,12 @@ def summed_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool,
     return summed
 
 
-def _weight_and_bias(module: nn.Module, summed: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
-    """Split Σ_i G_iᵀ (``[G, d (+1), p]``) into the weight's and the bias's gradients."""
-    rows = summed.shape[1] - (1 if bias else 0)
-    weight = summed[:, :rows].transpose(1, 2).reshape(module.weight.shape)
-    return weight, (summed[:, rows].reshape(-1) if bias else None)
+def weight_and_bias(module: nn.Module, grads: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Split transposed gradients ``[..., G, d (+1), p]`` (the sum Σ_i G_iᵀ, or per-sample ones with a
+    leading batch axis) into the weight's ``[..., *W.shape]`` and the bias's ``[..., C_out]``."""
+    lead, rows = grads.shape[:-3], grads.shape[-2] - (1 if bias else 0)
+    weight = grads[..., :rows, :].transpose(-1, -2).reshape(*lead, *module.weight.shape)
+    return weight, (grads[..., rows, :].reshape(*lead, -1) if bias else None)
 
 
 class FusedConv(torch.autograd.Function):
@@ -188,7 +182,7 @@ class FusedConv(torch.autograd.Function):
                 [0] * dims, module.groups, [True, False, False],
             )[0]
         summed = summed_per_sample_grads(module, x.detach(), grad_output, bias, ctx.report)
-        weight_grad, bias_grad = _weight_and_bias(module, summed, bias)
+        weight_grad, bias_grad = weight_and_bias(module, summed, bias)
         return grad_input, weight_grad, bias_grad, None, None, None
 
 
