@@ -218,28 +218,29 @@ def _padded_conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """im2col of the conv input, [B, C_in·k_h·k_w, L], from a strided view of the padded input."""
+def _conv_windows(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """The receptive fields of the conv input, ``[B, G, C_in/G, k_h, k_w, H_out, W_out]``: a strided view of
+    the padded input (no copy)."""
     padded = _padded_conv_input(module, x)
     (kh, kw), (dh, dw), (sh, sw) = _conv_geometry(module)
     batch, channels, height, width = padded.shape
     out_h = (height - dh * (kh - 1) - 1) // sh + 1
     out_w = (width - dw * (kw - 1) - 1) // sw + 1
-    s = padded.stride()
-    windows = padded.as_strided(
-        (batch, channels, kh, kw, out_h, out_w),
-        (s[0], s[1], s[2] * dh, s[3] * dw, s[2] * sh, s[3] * sw),
+    groups = module.groups
+    st = padded.stride()
+    return padded.as_strided(
+        (batch, groups, channels // groups, kh, kw, out_h, out_w),
+        (st[0], channels // groups * st[1], st[1], st[2] * dh, st[3] * dw, st[2] * sh, st[3] * sw),
         padded.storage_offset(),
     )
-    return windows.reshape(batch, channels * kh * kw, out_h * out_w)
 
 
 def _conv_factors(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Unfolded input [B, G, L, d_g] and output gradient [B, G, L, p_g] (views), per group."""
     batch, groups = x.shape[0], module.groups
-    unfolded = _unfold(module, x)
-    positions = unfolded.shape[-1]
-    a = unfolded.view(batch, groups, -1, positions).transpose(-1, -2)
+    windows = _conv_windows(module, x)
+    positions = windows.shape[-2] * windows.shape[-1]
+    a = windows.reshape(batch, groups, -1, positions).transpose(-1, -2)
     d = g.reshape(batch, groups, -1, positions).transpose(-1, -2)
     return a, d
 
@@ -281,23 +282,12 @@ def _conv_factors_with_ones(module: nn.Module, x: Tensor, g: Tensor, ones: bool)
     ``ones``: the bias gradient then comes out of the same GEMM as the weight gradient) and the output
     gradient [B, G, p_g, L] (a view)."""
     batch, groups = x.shape[0], module.groups
-    padded = _padded_conv_input(module, x)
-    (kh, kw), (dh, dw), (sh, sw) = _conv_geometry(module)
-    _, channels, height, width = padded.shape
-    out_h = (height - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width - dw * (kw - 1) - 1) // sw + 1
-    st = padded.stride()
-    per_group = channels // groups
-    windows = padded.as_strided(
-        (batch, groups, per_group, kh, kw, out_h, out_w),
-        (st[0], per_group * st[1], st[1], st[2] * dh, st[3] * dw, st[2] * sh, st[3] * sw),
-        padded.storage_offset(),
-    )
-    rows = per_group * kh * kw
-    positions = out_h * out_w
+    windows = _conv_windows(module, x)
+    rows = math.prod(windows.shape[2:5])
+    positions = windows.shape[-2] * windows.shape[-1]
     if ones:
-        a = padded.new_empty(batch, groups, rows + 1, positions)
-        a[:, :, :rows].view(batch, groups, per_group, kh, kw, out_h, out_w).copy_(windows)
+        a = windows.new_empty(batch, groups, rows + 1, positions)
+        a[:, :, :rows].view(windows.shape).copy_(windows)
         a[:, :, rows].fill_(1.0)
     else:
         a = windows.reshape(batch, groups, rows, positions)
