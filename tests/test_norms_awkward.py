@@ -264,3 +264,31 @@ def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
     sq_norms, sq_norm_of_sum, _ = per_sample_sq_norms_and_grad_sum(model, nn.MSELoss(reduction="sum"), x, y, check="every_call")
     torch.testing.assert_close(sq_norms, (2 * x).square().sum(1))
     assert float(sq_norm_of_sum) < 1e-8 * float(sq_norms.sum())
+
+
+class InPlaceAfterSequenceLinear(nn.Module):
+    """``F.linear`` on [B, T, d] returns a view of its 2-D product; an in-place op on it (``relu_``, ``+=``)
+    re-bases the view and drops hooks registered on it (once refused as "used outside its module")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.first(x), inplace=True)
+        h = self.second(h)
+        h += 1.0
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_in_place_ops_on_a_sequence_linear_output() -> None:
+    model = InPlaceAfterSequenceLinear().double()
+    x, y = torch.randn(B, 5, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
+    check(model, x, y)
+    expected = reference_sq_norms(model, nn.CrossEntropyLoss(), x, y)
+    meter = DiversityMeter(model, exact_grad=True)  # the hooks on every call (no fused layers)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-6)

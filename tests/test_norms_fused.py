@@ -1,10 +1,11 @@
 """The meter's steady-state paths (issue 13, item 6) against torch.func, in float64.
 
-* Fused convolutions (``gradiv_lib/norms/fused_conv.py``): after the checked first call, a convolution's
-  weight gradient is the sum of the per-sample gradients the meter forms anyway. Its norms must equal
-  ``vmap(grad)``'s, its ``.grad`` autograd's (to rounding), its input gradient autograd's, and every
-  geometry (stride, dilation, groups, rectangular kernels, no bias, frozen bias, in-place ReLU after it,
-  batch chunks, a layer called twice) must stay exact.
+* Fused weight gradients (``gradiv_lib/norms/fused.py``): after the checked first call, the weight
+  gradient of a convolution or of a Linear layer on sequences is the sum of the per-sample gradients the
+  meter forms anyway. Its norms must equal ``vmap(grad)``'s, its ``.grad`` autograd's (to rounding), its
+  input gradient autograd's, and every geometry (stride, dilation, groups, rectangular kernels, no bias,
+  frozen bias, in-place ReLU after it, batch chunks, a layer called twice, extra sequence axes, the
+  batch on axis 1 inside the model) must stay exact; a 2-D Linear layer is never fused.
 * Reading ``.grad`` at the end of the backward pass (``grad_source="backward"``): gradients accumulated
   before, clipping after the backward pass, hooks acting on ``.grad``, two backward passes,
   ``torch.autograd.grad`` and ``backward(inputs=...)`` are each either right or refused.
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradiv_lib.norms import DiversityMeter, fused_conv
+from gradiv_lib.norms import DiversityMeter, fused
 
 TOL = 1e-9
 
@@ -54,17 +55,17 @@ def step(meter: DiversityMeter, model: nn.Module, x: Tensor, y: Tensor) -> tuple
 
 @pytest.fixture
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts backward passes through FusedConv (so a test knows the fused path really ran), with the
+    """Counts backward passes through FusedWeightGrad (so a test knows the fused path really ran), with the
     timed decision forced to fuse (on these tiny layers the clock may prefer either path)."""
-    monkeypatch.setattr(fused_conv, "_fused_wins", lambda fused, hooks: True)
+    monkeypatch.setattr(fused, "_fused_wins", lambda fused, hooks: True)
     calls: list[int] = []
-    original = fused_conv.FusedConv.backward
+    original = fused.FusedWeightGrad.backward
 
     def counting(ctx, grad_output):
         calls.append(1)
         return original(ctx, grad_output)
 
-    monkeypatch.setattr(fused_conv.FusedConv, "backward", staticmethod(counting))
+    monkeypatch.setattr(fused.FusedWeightGrad, "backward", staticmethod(counting))
     return calls
 
 
@@ -106,13 +107,64 @@ def test_fused_convolutions_match_torch_func_on_later_calls(case: str, fused_cal
     assert len(fused_calls) == 4  # two conv layers, on the two unchecked calls
 
 
+class SequenceNet(nn.Module):
+    """Two Linear layers on sequences (fusable) and a 2-D head (never fused). ``time_first``: the first
+    layer sees ``[T, B, d]`` (its batch on axis 1, so it is left to the hooks)."""
+
+    def __init__(self, bias: bool = True, time_first: bool = False) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(4, 5, bias=bias), nn.Linear(5, 6), nn.Linear(6, 3)
+        self.time_first = time_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.first(x.transpose(0, 1)).transpose(0, 1) if self.time_first else self.first(x)
+        h = self.second(torch.relu_(h))
+        return self.head(torch.tanh(h).flatten(1, -2).mean(1))
+
+
+SEQUENCE_CASES = {  # model, input shape per sample, fused backward passes on the two unchecked calls
+    "sequence": (lambda: SequenceNet(), (3, 4), 4),
+    "sequence_no_bias_two_axes": (lambda: SequenceNet(bias=False), (2, 3, 4), 4),
+    "sequence_batch_on_axis_1_inside": (lambda: SequenceNet(time_first=True), (3, 4), 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEQUENCE_CASES))
+def test_fused_sequence_linear_layers_match_torch_func_on_later_calls(case: str, fused_calls: list[int]) -> None:
+    make, shape, fused_passes = SEQUENCE_CASES[case]
+    torch.manual_seed(5)
+    model = make().double()
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected, expected_sum = reference(model, x, y)
+    expected_grads = autograd_grads(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        sq_norms, of_sum = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+        for p, g in zip(model.parameters(), expected_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    assert len(fused_calls) == fused_passes
+
+
+def test_a_2d_linear_layer_is_never_fused(fused_calls: list[int]) -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    for _ in range(3):
+        step(meter, model, x, y)
+    assert not fused_calls
+    assert all(not any(fused.fused_decision(m).values()) for m in model if isinstance(m, nn.Linear))
+
+
 def test_fused_path_is_not_a_no_op_a_dropped_bias_row_is_caught(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
     """A plausible wrong variant (per-sample gradients without the bias row) gives other norms."""
     model, shape = _conv_model("conv1d")
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     expected, _ = reference(model, x, y)
-    original = fused_conv.per_sample_weight_grads
-    monkeypatch.setattr(fused_conv, "per_sample_weight_grads", lambda m, a, g, bias: original(m, a, g, False) if bias else original(m, a, g, bias))
+    original = fused.per_sample_weight_grads
+    monkeypatch.setattr(fused, "per_sample_weight_grads", lambda m, a, g, bias: original(m, a, g, False) if bias else original(m, a, g, bias))
     meter = DiversityMeter(model)
     step(meter, model, x, y)
     with pytest.raises(Exception):  # wrong norms, or a shape error in the bias split: never the right number
@@ -120,8 +172,10 @@ def test_fused_path_is_not_a_no_op_a_dropped_bias_row_is_caught(monkeypatch: pyt
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
 
 
-def test_fused_input_gradient_is_autograds(fused_calls: list[int]) -> None:
-    model, shape = _conv_model("conv2d_rect_kernel_stride")
+@pytest.mark.parametrize("kind", ["conv", "sequence"])
+def test_fused_input_gradient_is_autograds(kind: str, fused_calls: list[int]) -> None:
+    torch.manual_seed(7)
+    model, shape = _conv_model("conv2d_rect_kernel_stride") if kind == "conv" else (SequenceNet().double(), (3, 4))
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     leaf = x.clone().requires_grad_(True)
     nn.functional.cross_entropy(model(leaf), y).backward()
@@ -139,7 +193,7 @@ def test_fused_input_gradient_is_autograds(fused_calls: list[int]) -> None:
 
 def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
     # 2-3 samples per chunk in both layers (19·(6 + 36·2) = 1482 and 55·(5 + 36) = 2255 elements per sample)
-    monkeypatch.setattr(fused_conv, "_CACHE_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 5000)
     model, shape = _conv_model("conv2d_groups2_dilation2")
     x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 3, (7,))
     expected, expected_sum = reference(model, x, y)
@@ -152,6 +206,21 @@ def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_cal
     assert of_sum == pytest.approx(expected_sum, rel=TOL)
     for p, g in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+def test_fused_sequence_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
+    # 2 samples per chunk in the first layer ((4 + 1)·(5 + 3) = 40 elements per sample), 1 in the second
+    monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 100)
+    torch.manual_seed(8)
+    model = SequenceNet().double()
+    x, y = torch.randn(7, 3, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    expected, expected_sum = reference(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        sq_norms, of_sum = step(meter, model, x, y)
+    assert fused_calls
+    torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+    assert of_sum == pytest.approx(expected_sum, rel=TOL)
 
 
 class MaybeTwiceConv(nn.Module):
@@ -337,7 +406,7 @@ def test_backward_restricted_to_some_parameters_is_refused() -> None:
 
 
 def test_the_timed_decision_keeps_the_hook_path_when_it_is_faster(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
-    monkeypatch.setattr(fused_conv, "_fused_wins", lambda fused, hooks: False)
+    monkeypatch.setattr(fused, "_fused_wins", lambda fused, hooks: False)
     model, shape = _conv_model("conv1d")
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     expected, _ = reference(model, x, y)
@@ -346,7 +415,7 @@ def test_the_timed_decision_keeps_the_hook_path_when_it_is_faster(monkeypatch: p
         sq_norms, _ = step(meter, model, x, y)
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
     assert not fused_calls
-    assert set(fused_conv.fused_decision(model[0]).values()) == {False}
+    assert set(fused.fused_decision(model[0]).values()) == {False}
 
 
 def test_parameters_frozen_after_building_are_left_out_and_unfrozen_ones_are_refused() -> None:
@@ -371,17 +440,17 @@ def test_the_timed_decision_times_the_fused_work(monkeypatch: pytest.MonkeyPatch
     """decide() must time the real fused work: made slow, it loses against autograd's weight gradient."""
     import time
 
-    original = fused_conv.summed_per_sample_grads
+    original = fused.summed_per_sample_grads
 
     def slow(*args, **kwargs):
         time.sleep(0.02)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fused_conv, "summed_per_sample_grads", slow)
+    monkeypatch.setattr(fused, "summed_per_sample_grads", slow)
     model, shape = _conv_model("conv1d")
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     step(DiversityMeter(model), model, x, y)
-    assert set(fused_conv.fused_decision(model[0]).values()) == {False}
+    assert set(fused.fused_decision(model[0]).values()) == {False}
 
 
 class ConvOnly(nn.Module):

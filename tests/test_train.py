@@ -260,9 +260,9 @@ def test_measuring_changes_no_weight_bit_for_bit_with_convolutions(monkeypatch):
     """train(measure_diversity=True) keeps autograd's weight gradients (the meter's exact_grad=True): the
     same run with and without the measurement ends with identical weights, convolutions included (with the
     meter's timed choice forced to fuse, so the default meter would change the last bits)."""
-    from gradiv_lib.norms import fused_conv
+    from gradiv_lib.norms import fused
 
-    monkeypatch.setattr(fused_conv, "_fused_wins", lambda fused, hooks: True)
+    monkeypatch.setattr(fused, "_fused_wins", lambda fused, hooks: True)
     x, y = torch.randn(64, 1, 40), torch.randint(0, 3, (64,))
 
     def conv_net():

@@ -9,9 +9,9 @@ Derived in chapter 2 of the book (book/ch02_computing_fast).
   a fast rule; ``nn.MultiheadAttention`` has a batched rule (``rules_attention.py``); every other layer
   with parameters (RNN/LSTM/GRU, EmbeddingBag, Conv3d, ConvTranspose, InstanceNorm, custom modules)
   uses the exact ``torch.func`` fallback (a per-sample loop where ``vmap`` cannot batch the layer),
-  with a one-time warning. In the meter, convolutions (after the checked first call, where timed
-  faster) sum their per-sample gradients into the weight gradient instead of letting autograd form it
-  a second time (``fused_conv.py``; ``.grad`` equal to float rounding, ``exact_grad=True`` for bit
+  with a one-time warning. In the meter, convolutions and Linear layers on sequences (after the checked
+  first call, where timed faster) sum their per-sample gradients into the weight gradient instead of
+  letting autograd form it a second time (``fused.py``; ``.grad`` equal to float rounding, ``exact_grad=True`` for bit
   for bit).
 
 Right or loud: a one-time permutation probe finds each layer's batch axis (``batch_axes.py``), and a

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from gradiv_lib.norms import batch_axes, fused_conv, rules_attention
+from gradiv_lib.norms import batch_axes, fused, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
 from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, _sq_sum_rows, summed_grads
@@ -105,23 +105,28 @@ class _OutputGradHook:
     activations there would keep them alive until the end of the backward pass). One small object per
     layer call instead of a partial and a holder: this runs on every measured training step."""
 
-    __slots__ = ("_engine", "_layer", "_root", "_index", "_saved")
+    __slots__ = ("_engine", "_layer", "_root", "_index", "_saved", "_shape")
 
-    def __init__(self, engine: PerSampleNormEngine, layer: _Layer, root: _RootCall | None, index: int, saved: Any) -> None:
+    def __init__(
+        self, engine: PerSampleNormEngine, layer: _Layer, root: _RootCall | None, index: int, saved: Any, shape: torch.Size | None
+    ) -> None:
         self._engine, self._layer, self._root, self._index, self._saved = engine, layer, root, index, saved
+        self._shape = shape  # set when the hook sits on the output's base (``_hook_target``): reshape to it
 
     def __call__(self, grad_output: Tensor) -> None:
         saved, self._saved = self._saved, None
         if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
             self._engine._extra_passes = True
             return
+        if self._shape is not None:
+            grad_output = grad_output.reshape(self._shape)
         self._engine._on_backward()
         self._engine._on_rule_output_grad(self._layer, self._root, self._index, saved, grad_output)
 
 
 class _FusedReport:
-    """Receives one fused convolution call's per-sample gradients during the backward pass
-    (``fused_conv.py``), chunk by chunk, and records their squared norms (or the gradients themselves
+    """Receives one fused layer call's per-sample gradients during the backward pass
+    (``fused.py``), chunk by chunk, and records their squared norms (or the gradients themselves
     when the layer runs more than once) once the whole batch has been seen."""
 
     __slots__ = ("_engine", "_layer", "_batch", "_parts", "_done")
@@ -144,11 +149,25 @@ class _FusedReport:
         part = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
         self._parts = []
         if materialize:
-            weight, bias = fused_conv.weight_and_bias(layer.module, part, "bias" in layer.params)
+            weight, bias = fused.weight_and_bias(layer.module, part, "bias" in layer.params)
             engine._add_per_sample_grads(layer, {"weight": weight} if bias is None else {"weight": weight, "bias": bias})
         else:
             engine._sq_norm_parts.append(part)
         layer.covered = True
+
+
+def _hook_target(output: Tensor) -> Tensor:
+    """The tensor whose gradient hook sees a rule layer's output gradient. ``F.linear`` on an input with
+    more than two axes returns a view of its 2-D product, and an in-place operation on that view
+    (``relu_``, ``+=``) re-bases the view's history and drops the hooks registered on it; the product
+    itself then receives, reshaped, the gradient of the output as it was before the in-place operation.
+    So for a view that covers all of a contiguous base the hook goes on the base."""
+    if not output._is_view():
+        return output
+    base = output._base
+    if base.requires_grad and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
+        return base
+    return output
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -205,7 +224,8 @@ class PerSampleNormEngine:
     Attach with ``with engine:`` (or :meth:`attach` / :meth:`detach`), run one forward pass and one
     backward pass, then read :meth:`sq_norms` and :meth:`grad_sum_sq_norm`. Both are in the scale of
     the loss that was back-propagated: for :math:`L = c\\sum_i \\ell_i` they are :math:`c^2` times the
-    values for :math:`\\ell_i` (callers undo the factor). ``.grad`` is never modified.
+    values for :math:`\\ell_i` (callers undo the factor). ``.grad`` is autograd's (with
+    ``fuse_weight_grads=True``, equal to it to float rounding).
 
     Parameters
     ----------
@@ -225,6 +245,14 @@ class PerSampleNormEngine:
         and input signature; ``"every_call"``: on every measurement (for models whose control flow
         changes between calls); ``"off"``: never — batch axes are then read from shapes, and a shape
         with several axes of size B is refused.
+    grad_source
+        Where :math:`\\|\\sum_i \\nabla\\ell_i\\|^2` comes from: ``"hooks"`` (one hook per parameter; works
+        with ``torch.autograd.grad``) or ``"backward"`` (read from ``.grad`` once when the backward pass
+        ends, when every ``.grad`` was empty before it; the per-parameter hooks otherwise).
+    fuse_weight_grads
+        ``True``: after the checked first call, convolutions and Linear layers on sequences whose fused
+        backward pass was timed faster form their weight gradient as the sum of the per-sample gradients
+        (``fused.py``).
 
     Raises
     ------
@@ -243,7 +271,7 @@ class PerSampleNormEngine:
         batch_size: int | None = None,
         check: Check = "first_call",
         grad_source: GradSource = "hooks",
-        fuse_convolutions: bool = False,
+        fuse_weight_grads: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
@@ -253,8 +281,8 @@ class PerSampleNormEngine:
             raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
         if grad_source not in GRAD_SOURCES:
             raise ValueError(f"grad_source must be one of {GRAD_SOURCES}, got {grad_source!r}")
-        if not isinstance(fuse_convolutions, bool):
-            raise TypeError(f"fuse_convolutions must be a bool, got {fuse_convolutions!r}")
+        if not isinstance(fuse_weight_grads, bool):
+            raise TypeError(f"fuse_weight_grads must be a bool, got {fuse_weight_grads!r}")
         self._parameters = [p for p in model.parameters() if p.requires_grad]
         if not self._parameters:
             raise ValueError(
@@ -266,7 +294,7 @@ class PerSampleNormEngine:
         self._frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
         self._layers = _plan_layers(model)
         for layer in self._layers:
-            layer.fusable = fuse_convolutions and isinstance(layer.module, fused_conv.FUSABLE_TYPES) and not layer.shares_parameters
+            layer.fusable = fuse_weight_grads and isinstance(layer.module, fused.FUSABLE_TYPES) and not layer.shares_parameters
         self._grad_source: GradSource = grad_source
         self._batch_norms = [(path, m) for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._strategy: SequenceStrategy = sequence_strategy
@@ -497,14 +525,16 @@ class PerSampleNormEngine:
         if self._batch_size is None or activation.shape[0] != self._batch_size:
             self._check_batch(layer, activation)
         index = self._call_index(layer)
-        if layer.fusable and not self._verify and self._fused_layout(layer, index) and fused_conv.fusable(module, activation, output, self._strategy):
-            return fused_conv.fused_output(module, activation, output, _FusedReport(self, layer, self._batch_size))
-        output.register_hook(_OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output)))
+        if layer.fusable and not self._verify and self._fused_layout(layer, index) and fused.fusable(module, activation, output, self._strategy):
+            return fused.fused_output(module, activation, output, _FusedReport(self, layer, self._batch_size))
+        target = _hook_target(output)
+        hook = _OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output), None if target is output else output.shape)
+        target.register_hook(hook)
         return None
 
     def _fused_layout(self, layer: _Layer, index: int) -> bool:
         """Whether the checked layout puts this call's samples on axis 0 of input and output (a fused
-        convolution is only used on calls the first-call check has seen)."""
+        layer is only used on calls the first-call check has seen)."""
         entry = self._layout_entry(layer, self._root, index)
         return entry is not None and entry[0][0] == 0 and entry[1][0] == 0
 
@@ -649,8 +679,8 @@ class PerSampleNormEngine:
                     self._sq_norm_parts.append(sq_norms)
                     if self._verify:
                         self._add_grad_sums(layer, summed_grads(rule, module, saved, grad_output), sq_norms)
-                        if layer.fusable:  # time fusing against this path, once per shape (fused_conv.decide)
-                            fused_conv.decide(module, saved, grad_output, self._strategy)
+                        if layer.fusable:  # time fusing against this path, once per shape (fused.decide)
+                            fused.decide(module, saved, grad_output, self._strategy)
         layer.covered = True
 
     def _on_fallback_output_grads(

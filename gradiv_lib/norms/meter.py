@@ -11,10 +11,11 @@ squared norm of the gradient this backward pass produced. With a mean loss
 
 refers to the per-sample losses whatever the reduction. ``.grad`` is what it would be without the
 meter, so the optimizer step is unaffected; gradients already accumulated in ``.grad`` before the
-backward pass are not counted. By default a convolution's weight gradient is formed as the sum of the
-per-sample gradients the meter computes anyway (``fused_conv.py``: one weight-gradient convolution less
-per layer), which equals autograd's to float rounding; ``exact_grad=True`` keeps autograd's own,
-bit for bit, at that extra cost. When every ``.grad`` is empty before the backward pass (the usual
+backward pass are not counted. By default the weight gradient of a convolution, or of a Linear layer
+on sequences, is formed as the sum of the per-sample gradients the meter computes anyway where that
+was timed faster (``fused.py``: one weight-gradient computation less per layer), which equals
+autograd's to float rounding; ``exact_grad=True`` keeps autograd's own, bit for bit, at that extra
+cost. When every ``.grad`` is empty before the backward pass (the usual
 ``zero_grad(set_to_none=True)``), :math:`\\|\\sum_i \\nabla_w \\ell_i\\|^2` is read from ``.grad`` at
 the end of the pass instead of by a hook on every parameter.
 
@@ -66,8 +67,8 @@ class DiversityMeter:
         and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`).
     exact_grad
         ``True``: leave every weight gradient to autograd, so ``.grad`` is bit for bit what it is
-        without the meter (costs one more weight-gradient convolution per conv layer and step).
-        ``False`` (default): convolutions sum their per-sample gradients into ``.grad`` (equal to
+        without the meter (costs one more weight-gradient computation per conv or sequence Linear layer
+        and step). ``False`` (default): those layers sum their per-sample gradients into ``.grad`` (equal to
         float rounding).
 
     Examples
@@ -96,7 +97,7 @@ class DiversityMeter:
         if not isinstance(exact_grad, bool):
             raise TypeError(f"exact_grad must be a bool, got {exact_grad!r}")
         self._engine = PerSampleNormEngine(
-            model, sequence_strategy=sequence_strategy, check=check, grad_source="backward", fuse_convolutions=not exact_grad
+            model, sequence_strategy=sequence_strategy, check=check, grad_source="backward", fuse_weight_grads=not exact_grad
         )
         self._model = model
         self._loss_reduction = loss_reduction

@@ -426,7 +426,7 @@ def train(
                     trainable = tuple(id(p) for p in params)
                     if kept_meter is None or kept_for != trainable:
                         # exact_grad: autograd's own weight gradients, so a run that measures is bit for bit
-                        # the run that does not (and the same on every rerun: the meter's fused convolutions
+                        # the run that does not (and the same on every rerun: the meter's fused layers
                         # are chosen by timing and equal autograd's only to rounding, which training amplifies)
                         kept_meter = DiversityMeter(model, loss_reduction=reduction, exact_grad=True)
                         kept_for = trainable

@@ -1,25 +1,29 @@
-"""Convolutions whose weight gradient is the sum of the per-sample gradients the engine needs anyway.
+"""Layers whose weight gradient is the sum of the per-sample gradients the engine needs anyway.
 
 Derived in chapter 2 of the book (book/ch02_computing_fast).
 
 For a convolution, the exact per-sample gradient :math:`G_i = D_i [A_i; 1]^\\top` (``rules.py``: im2col
 input :math:`A_i`, output gradient :math:`D_i`, a row of ones for the bias) costs as many multiply-adds
-as the batch's weight gradient :math:`\\nabla_W L = \\sum_i G_i`. Autograd would compute that sum a
-second time. Here the layer's output is routed through :class:`FusedConv`, whose backward pass
-computes the input gradient with the same kernel autograd uses, the per-sample gradients once by one
-batched GEMM, their squared norms, and the weight and bias gradients as their sum over the batch:
+as the batch's weight gradient :math:`\\nabla_W L = \\sum_i G_i`; so does a Linear layer applied to a
+sequence (:math:`A_i` its ``[T, d]`` inputs, :math:`D_i` their output gradients). Autograd would compute
+that sum a second time. Here the layer's output is routed through :class:`FusedWeightGrad`, whose
+backward pass computes the input gradient as autograd does (the same convolution kernel,
+``grad_output @ W`` for a Linear layer), the per-sample gradients once by one batched GEMM, their squared
+norms, and the weight and bias gradients as their sum over the batch:
 
 .. math:: \\nabla_W L = \\sum_i G_i, \\qquad \\|\\nabla_W \\ell_i\\|^2 = \\|G_i\\|_F^2 .
 
-So measuring costs the im2col copy and the norms instead of a second weight-gradient convolution.
+So measuring costs the copy of the (unfolded) input and the norms instead of a second weight gradient.
 ``.grad`` then equals autograd's up to float rounding (the same sum, added in another order; measured
 differences are ~1e-7 of the gradient in float32), not bit for bit: :class:`~gradiv_lib.norms.DiversityMeter`
 takes ``exact_grad=True`` for that. The engine uses this path where it was timed faster than autograd's
-weight gradient plus the hook rule's norms (once per layer and shape, :func:`decide`), and only where it
-is exact by construction:
-float32/float64 without autocast, zero padding, batch on axis 0, a layer whose output carries no other
-tensor hooks, and never on the checked first call of a model (``check``). Second derivatives through
-it raise (``once_differentiable``) instead of being silently wrong.
+weight gradient plus the hook rule's norms (once per layer and shape, :func:`decide`; one batched GEMM
+over short sequences is often slower than autograd's single large one, so Linear layers are fused only
+where the clock says so), and only where it is exact by construction:
+float32/float64 without autocast, zero padding (convolutions), an input with a sequence axis (Linear: a
+2-D input's norms cost two row norms, nothing to save), batch on axis 0, a layer whose output carries no
+other tensor hooks, and never on the checked first call of a model (``check``). Second derivatives
+through it raise (``once_differentiable``) instead of being silently wrong.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from gradiv_lib.norms.fastest import time_interleaved
-from gradiv_lib.norms.rules import _CACHE_CHUNK_ELEMENTS, _conv_factors_with_ones, _conv_plans, _sq_sum_rows
+from gradiv_lib.norms.rules import _CACHE_CHUNK_ELEMENTS, _conv_factors_with_ones, _conv_plans, _linear_sq_norms, _sq_sum_rows
 
-FUSABLE_TYPES = (nn.Conv1d, nn.Conv2d)
+FUSABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -51,17 +55,15 @@ def _key(module: nn.Module, x: Tensor, y: Tensor, strategy: str) -> tuple[Any, .
 
 
 def _eligible(module: nn.Module, x: Tensor, y: Tensor) -> bool:
-    return (
-        module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-        and module.weight.requires_grad
-        and y.dtype in _FUSABLE_DTYPES
-        and x.dtype == y.dtype == module.weight.dtype
-    )
+    if isinstance(module, nn.Linear):  # on sequences only: a 2-D input's norms cost two row norms
+        layout_ok = x.dim() >= 3
+    else:
+        layout_ok = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return layout_ok and module.weight.requires_grad and y.dtype in _FUSABLE_DTYPES and x.dtype == y.dtype == module.weight.dtype
 
 
 def fusable(module: nn.Module, x: Tensor, y: Tensor, strategy: str) -> bool:
-    """Whether :class:`FusedConv` reproduces this call of ``module`` exactly (see the module docstring)
+    """Whether :class:`FusedWeightGrad` reproduces this call of ``module`` exactly (see the module docstring)
     and was timed faster than the hook rule for these shapes (:func:`decide`, on the checked first call)."""
     known = _decisions.get(module)
     return (
@@ -88,21 +90,32 @@ def decide(module: nn.Module, x: Tensor, g: Tensor, strategy: str) -> None:
     known = _decisions.setdefault(module, {})
     if key in known:
         return
-    plan = _conv_plans.get(module, {}).get(key)
-    if plan is None or not _eligible(module, x, g):
+    if not _eligible(module, x, g):
         known[key] = False
         return
-    chunked, method, elements = plan
     bias = key[-1]
-    bias_sizes = [module.out_channels] if bias else None
+    if isinstance(module, nn.Linear):
+        def hooks() -> Any:
+            rows, out = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+            return _linear_sq_norms(module, x, g, strategy), out.t().mm(rows), out.sum(0) if bias else None
+    else:
+        plan = _conv_plans.get(module, {}).get(key)
+        if plan is None:
+            known[key] = False
+            return
+        chunked, method, elements = plan
+        bias_sizes = [module.out_channels] if bias else None
+
+        def hooks() -> Any:
+            return (
+                chunked(partial(method, module, bias=bias), x, g, elements),
+                torch.ops.aten.convolution_backward(
+                    g, x, module.weight, bias_sizes, module.stride, module.padding, module.dilation, False,
+                    [0] * (x.dim() - 2), module.groups, [False, True, bias],
+                ),
+            )
     candidates = {
-        "hooks": lambda: (
-            chunked(partial(method, module, bias=bias), x, g, elements),
-            torch.ops.aten.convolution_backward(
-                g, x, module.weight, bias_sizes, module.stride, module.padding, module.dilation, False,
-                [0] * (x.dim() - 2), module.groups, [False, True, bias],
-            ),
-        ),
+        "hooks": hooks,
         "fused": lambda: summed_per_sample_grads(module, x, g, bias, lambda grads, start: _sq_sum_rows(grads)),
     }
     best, _ = time_interleaved(candidates, x.device, _ROUNDS)
@@ -121,18 +134,35 @@ def fused_decision(module: nn.Module) -> dict[tuple[Any, ...], bool]:
 
 def per_sample_weight_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> Tensor:
     """``[B, G, d (+1), p]``: per sample and group, the transposed gradient of the group's weight block
-    (rows: input channel × kernel position, plus the bias as the last row when ``bias``)."""
+    (rows: input channel × kernel position, or input feature, plus the bias as the last row when ``bias``)."""
+    if isinstance(module, nn.Linear):
+        batch = x.shape[0]
+        rows = x.reshape(batch, -1, x.shape[-1])  # [B, T, d]
+        if bias:
+            with_ones = rows.new_empty(batch, rows.shape[1], rows.shape[2] + 1)
+            with_ones[..., :-1].copy_(rows)
+            with_ones[..., -1].fill_(1.0)
+            rows = with_ones
+        return torch.matmul(rows.transpose(1, 2), g.reshape(batch, -1, g.shape[-1])).unsqueeze(1)
     a, d = _conv_factors_with_ones(module, x, g, bias)
     return torch.matmul(a, d.transpose(-1, -2))
+
+
+def _sizes(module: nn.Module, g: Tensor) -> tuple[int, int, int, int]:
+    """(input rows per group without the bias, outputs, positions per sample, groups)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, math.prod(g.shape[1:-1]), 1
+    rows = module.in_channels // module.groups * math.prod(module.kernel_size)
+    return rows, module.out_channels, math.prod(g.shape[2:]), module.groups
 
 
 def summed_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool, report: Callable[[Tensor, int], Any]) -> Tensor:
     """Σ_i G_iᵀ (``[G, d (+1), p]``), the per-sample gradients formed in batch chunks of about
     ``_CACHE_CHUNK_ELEMENTS`` elements (each handed to ``report(grads, start)`` first)."""
     batch = x.shape[0]
-    rows = module.in_channels // module.groups * math.prod(module.kernel_size) + (1 if bias else 0)
-    positions = math.prod(g.shape[2:])
-    chunk = max(1, _CACHE_CHUNK_ELEMENTS // max(1, rows * (module.out_channels + positions * module.groups)))
+    rows, outputs, positions, groups = _sizes(module, g)
+    rows += 1 if bias else 0
+    chunk = max(1, _CACHE_CHUNK_ELEMENTS // max(1, rows * (outputs + positions * groups)))
     if chunk >= batch:
         grads = per_sample_weight_grads(module, x, g, bias)
         report(grads, 0)
@@ -154,8 +184,9 @@ def weight_and_bias(module: nn.Module, grads: Tensor, bias: bool) -> tuple[Tenso
     return weight, (grads[..., rows, :].reshape(*lead, -1) if bias else None)
 
 
-class FusedConv(torch.autograd.Function):
-    """``y = conv(x, W, b)`` (already computed by the module) with the fused backward pass above.
+class FusedWeightGrad(torch.autograd.Function):
+    """``y = conv(x, W, b)`` or ``y = x Wᵀ + b`` (already computed by the module) with the fused backward
+    pass above.
 
     ``report(per_sample, start)`` receives the per-sample gradients ``[B_c, G, d (+1), p]`` of one batch
     chunk at a time (``start``: its first sample) during the backward pass."""
@@ -176,16 +207,18 @@ class FusedConv(torch.autograd.Function):
         module, bias = ctx.module, ctx.has_bias
         grad_input = None
         if ctx.needs_input_grad[0]:
-            dims = x.dim() - 2
-            grad_input = torch.ops.aten.convolution_backward(
-                grad_output, x, weight, None, module.stride, module.padding, module.dilation, False,
-                [0] * dims, module.groups, [True, False, False],
-            )[0]
+            if isinstance(module, nn.Linear):
+                grad_input = grad_output.matmul(weight)
+            else:
+                grad_input = torch.ops.aten.convolution_backward(
+                    grad_output, x, weight, None, module.stride, module.padding, module.dilation, False,
+                    [0] * (x.dim() - 2), module.groups, [True, False, False],
+                )[0]
         summed = summed_per_sample_grads(module, x.detach(), grad_output, bias, ctx.report)
         weight_grad, bias_grad = weight_and_bias(module, summed, bias)
         return grad_input, weight_grad, bias_grad, None, None, None
 
 
 def fused_output(module: nn.Module, x: Tensor, y: Tensor, report: Callable[[Tensor, int], None]) -> Tensor:
-    """The module output, re-attached to ``x``, ``W`` and ``b`` through :class:`FusedConv`."""
-    return FusedConv.apply(x, module.weight, module.bias, [y.detach()], module, report)
+    """The module output, re-attached to ``x``, ``W`` and ``b`` through :class:`FusedWeightGrad`."""
+    return FusedWeightGrad.apply(x, module.weight, module.bias, [y.detach()], module, report)
