@@ -292,3 +292,33 @@ def test_in_place_ops_on_a_sequence_linear_output() -> None:
         with meter:
             F.cross_entropy(model(x), y).backward()
         assert_norms_close(meter.sq_norms, expected, 1e-6)
+
+
+class ViewOutput(nn.Module):
+    """A layer without a rule (the torch.func fallback) whose output is a view of its product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.reshape(-1, 4) @ self.weight).view(x.shape[0], -1, 5)
+
+
+def test_an_in_place_op_that_drops_a_fallback_layers_hook_is_named() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.custom, self.head = ViewOutput(), nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.custom(x)
+            h.relu_()
+            return self.head(h.mean(1))
+
+    model = Net().double()
+    x, y = torch.randn(B, 3, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
+    with pytest.raises(ValueError, match=r"'custom' \(ViewOutput\) ran in the forward pass .* in-place operation"):
+        with DiversityMeter(model) as meter:
+            F.cross_entropy(model(x), y).backward()
+        meter.result

@@ -827,10 +827,17 @@ class PerSampleNormEngine:
             )
         missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in covered]
         if missing:
+            silent = [layer.name for layer in self._layers if layer.calls and not layer.covered]
             raise ValueError(
                 f"parameters {missing} received gradients, but no per-sample rule saw their module run: they are used "
                 "outside their own module's forward (for example F.linear(x, layer.weight)); call the module instead, "
                 "or keep the parameters in a small custom module so the torch.func fallback handles them"
+                + (
+                    f". Layer(s) {', '.join(silent)} ran in the forward pass but their output gradient never reached the hook: an "
+                    "in-place operation on an output that is a view of another tensor (x.relu_() or x += ... after a "
+                    "reshape) re-bases it and drops its hooks; use the out-of-place form there"
+                    if silent else ""
+                )
             )
         if self._verify and not self._verified:
             self._check_grad_sums()
