@@ -53,6 +53,20 @@ def step(meter: DiversityMeter, model: nn.Module, x: Tensor, y: Tensor) -> tuple
     return meter.sq_norms, meter.result.sq_norm_of_sum
 
 
+def check_measured_calls(model: nn.Module, shape: tuple[int, ...], *, batch: int = 6, calls: int = 3) -> None:
+    """On every one of ``calls`` measured steps: norms and ‖Σ g‖² equal vmap(grad)'s, ``.grad`` autograd's."""
+    x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    expected, expected_sum = reference(model, x, y)
+    expected_grads = autograd_grads(model, x, y)
+    meter = DiversityMeter(model)
+    for _ in range(calls):
+        sq_norms, of_sum = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+        for p, g in zip(model.parameters(), expected_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
 @pytest.fixture
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts backward passes through FusedWeightGrad (so a test knows the fused path really ran), with the
@@ -93,17 +107,7 @@ def _conv_model(case: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_fused_convolutions_match_torch_func_on_later_calls(case: str, fused_calls: list[int]) -> None:
-    model, shape = _conv_model(case)
-    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected, expected_sum = reference(model, x, y)
-    expected_grads = autograd_grads(model, x, y)
-    meter = DiversityMeter(model)
-    for call in range(3):
-        sq_norms, of_sum = step(meter, model, x, y)
-        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
-        assert of_sum == pytest.approx(expected_sum, rel=TOL)
-        for p, g in zip(model.parameters(), expected_grads):
-            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    check_measured_calls(*_conv_model(case))
     assert len(fused_calls) == 4  # two conv layers, on the two unchecked calls
 
 
@@ -133,17 +137,7 @@ SEQUENCE_CASES = {  # model, input shape per sample, fused backward passes on th
 def test_fused_sequence_linear_layers_match_torch_func_on_later_calls(case: str, fused_calls: list[int]) -> None:
     make, shape, fused_passes = SEQUENCE_CASES[case]
     torch.manual_seed(5)
-    model = make().double()
-    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected, expected_sum = reference(model, x, y)
-    expected_grads = autograd_grads(model, x, y)
-    meter = DiversityMeter(model)
-    for _ in range(3):
-        sq_norms, of_sum = step(meter, model, x, y)
-        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
-        assert of_sum == pytest.approx(expected_sum, rel=TOL)
-        for p, g in zip(model.parameters(), expected_grads):
-            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    check_measured_calls(make().double(), shape)
     assert len(fused_calls) == fused_passes
 
 
@@ -194,33 +188,16 @@ def test_fused_input_gradient_is_autograds(kind: str, fused_calls: list[int]) ->
 def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
     # 2-3 samples per chunk in both layers (19·(6 + 36·2) = 1482 and 55·(5 + 36) = 2255 elements per sample)
     monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 5000)
-    model, shape = _conv_model("conv2d_groups2_dilation2")
-    x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 3, (7,))
-    expected, expected_sum = reference(model, x, y)
-    expected_grads = autograd_grads(model, x, y)
-    meter = DiversityMeter(model)
-    for _ in range(2):
-        sq_norms, of_sum = step(meter, model, x, y)
+    check_measured_calls(*_conv_model("conv2d_groups2_dilation2"), batch=7, calls=2)
     assert fused_calls
-    torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
-    assert of_sum == pytest.approx(expected_sum, rel=TOL)
-    for p, g in zip(model.parameters(), expected_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
 
 def test_fused_sequence_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
     # 2 samples per chunk in the first layer ((4 + 1)·(5 + 3) = 40 elements per sample), 1 in the second
     monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 100)
     torch.manual_seed(8)
-    model = SequenceNet().double()
-    x, y = torch.randn(7, 3, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
-    expected, expected_sum = reference(model, x, y)
-    meter = DiversityMeter(model)
-    for _ in range(2):
-        sq_norms, of_sum = step(meter, model, x, y)
+    check_measured_calls(SequenceNet().double(), (3, 4), batch=7, calls=2)
     assert fused_calls
-    torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
-    assert of_sum == pytest.approx(expected_sum, rel=TOL)
 
 
 class MaybeTwiceConv(nn.Module):
@@ -467,14 +444,7 @@ class ConvOnly(nn.Module):
 
 def test_a_network_of_fused_convolutions_only(fused_calls: list[int]) -> None:
     torch.manual_seed(4)
-    model = ConvOnly().double()
-    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    expected, expected_sum = reference(model, x, y)
-    meter = DiversityMeter(model)
-    for _ in range(3):
-        sq_norms, of_sum = step(meter, model, x, y)
-        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
-        assert of_sum == pytest.approx(expected_sum, rel=TOL)
+    check_measured_calls(ConvOnly().double(), (2, 6, 6), batch=5)
     assert len(fused_calls) == 4
 
 
