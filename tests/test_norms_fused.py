@@ -450,3 +450,31 @@ def test_a_network_of_fused_convolutions_only(fused_calls: list[int]) -> None:
 
 def test_fused_decision_of_a_layer_never_timed_is_empty() -> None:
     assert fused.fused_decision(nn.Linear(2, 2)) == {}
+
+
+class MaybeTwiceSequenceLinear(nn.Module):
+    """One sequence Linear layer applied once or twice (``twice``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.twice = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.shared(x))
+        if self.twice:
+            h = torch.tanh(self.shared(h))
+        return self.head(h.mean(1))
+
+
+def test_a_fused_sequence_linear_layer_then_used_twice_hands_over_its_per_sample_gradients(fused_calls: list[int]) -> None:
+    """Checked and fused with one use; then a forward pass that uses it twice (the per-sample gradients of
+    the fused use, split into weight and bias, are summed with the second use's)."""
+    torch.manual_seed(9)
+    model = MaybeTwiceSequenceLinear().double()
+    check_measured_calls(model, (3, 4))
+    assert len(fused_calls) == 2
+    model.twice = True
+    fused_calls.clear()
+    check_measured_calls(model, (3, 4), calls=1)  # same input signature: no new check, the first use is fused
+    assert fused_calls
