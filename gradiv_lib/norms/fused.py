@@ -81,8 +81,8 @@ _ROUNDS = 5
 
 def decide(module: nn.Module, x: Tensor, g: Tensor, strategy: str) -> None:
     """Time, once per shape, the fused backward work (per-sample gradients, their norms and their sum)
-    against what it replaces (autograd's weight-gradient convolution plus the rule's norms, with the
-    method the autotuner chose for these shapes), interleaved, best of :data:`_ROUNDS`, on the layer's real
+    against what it replaces (autograd's weight gradient plus the rule's norms, with the method the
+    autotuner chose for these shapes), interleaved, best of :data:`_ROUNDS`, on the layer's real
     input and output gradient; remember whether fusing is faster. Materialising costs as many
     multiply-adds as the weight gradient it replaces, so it wins where materialising is the best norm
     method anyway; where the Gram form is much cheaper (few positions, many channels) it may not."""
