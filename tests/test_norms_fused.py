@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -200,25 +202,29 @@ def test_fused_sequence_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, 
     assert fused_calls
 
 
-class MaybeTwiceConv(nn.Module):
-    """One convolution applied once or twice (``twice``): its per-sample gradient is the sum over its uses."""
+class MaybeTwice(nn.Module):
+    """One layer applied once or twice (``twice``): its per-sample gradient is the sum over its uses;
+    ``pool`` turns its output into the head's input."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: nn.Module, head: nn.Module, pool: Callable[[Tensor], Tensor], twice: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(3, 3, 3, padding=1)
-        self.head = nn.Linear(3 * 8, 2)
-        self.twice = True
+        self.layer, self.head, self.pool, self.twice = layer, head, pool, twice
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.conv(x))
+        h = torch.tanh(self.layer(x))
         if self.twice:
-            h = torch.tanh(self.conv(h))
-        return self.head(h.flatten(1))
+            h = torch.tanh(self.layer(h))
+        return self.head(self.pool(h))
+
+
+def maybe_twice_conv() -> MaybeTwice:
+    conv = nn.Conv1d(3, 3, 3, padding=1)
+    return MaybeTwice(conv, nn.Linear(3 * 8, 2), lambda h: h.flatten(1), twice=True)
 
 
 def test_a_convolution_called_twice_sums_per_sample_gradients_over_its_uses() -> None:
     torch.manual_seed(1)
-    model = MaybeTwiceConv().double()
+    model = maybe_twice_conv().double()
     x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
     expected, expected_sum = reference(model, x, y)
     meter = DiversityMeter(model)
@@ -232,7 +238,7 @@ def test_a_fused_first_use_of_a_layer_used_twice_hands_over_its_per_sample_gradi
     """Checked and fused with one use; then (same input signature) a forward pass that uses it twice: the
     fused first use must give its per-sample gradients, to be summed with the second use's."""
     torch.manual_seed(1)
-    model = MaybeTwiceConv().double()
+    model = maybe_twice_conv().double()
     x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
     model.twice = False
     meter = DiversityMeter(model)
@@ -452,26 +458,11 @@ def test_fused_decision_of_a_layer_never_timed_is_empty() -> None:
     assert fused.fused_decision(nn.Linear(2, 2)) == {}
 
 
-class MaybeTwiceSequenceLinear(nn.Module):
-    """One sequence Linear layer applied once or twice (``twice``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-        self.twice = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.shared(x))
-        if self.twice:
-            h = torch.tanh(self.shared(h))
-        return self.head(h.mean(1))
-
-
 def test_a_fused_sequence_linear_layer_then_used_twice_hands_over_its_per_sample_gradients(fused_calls: list[int]) -> None:
     """Checked and fused with one use; then a forward pass that uses it twice (the per-sample gradients of
     the fused use, split into weight and bias, are summed with the second use's)."""
     torch.manual_seed(9)
-    model = MaybeTwiceSequenceLinear().double()
+    model = MaybeTwice(nn.Linear(4, 4), nn.Linear(4, 3), lambda h: h.mean(1), twice=False).double()
     check_measured_calls(model, (3, 4))
     assert len(fused_calls) == 2
     model.twice = True
