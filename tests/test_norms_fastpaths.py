@@ -223,3 +223,23 @@ def test_later_calls_give_the_first_calls_numbers_bit_for_bit_in_float32() -> No
     metered(fused, model, x, y)
     later, _, later_sum = metered(fused, model, x, y)
     assert torch.equal(later, first) and later_sum == pytest.approx(first_sum, rel=1e-6)
+
+
+def test_the_race_shuffles_its_order_every_round_reproducibly() -> None:
+    """``fastest.time_interleaved`` runs every candidate once per round in an order drawn afresh each
+    round (seeded): with a fixed order each candidate would always follow the same one, and what ran
+    just before a step changes its time. Every candidate's result is the one of its last run."""
+    from gradiv_lib.norms import fastest
+
+    def orders(rounds: int) -> list[list[str]]:
+        calls: list[str] = []
+        candidates = {name: (lambda name=name: calls.append(name) or name) for name in "abcd"}
+        timings, results = fastest.time_interleaved(candidates, torch.device("cpu"), rounds)
+        assert set(timings) == set(candidates) and all(t >= 0 for t in timings.values())
+        assert list(results.items()) == [(name, name) for name in candidates]  # in the candidates' order
+        return [calls[r * 4 : (r + 1) * 4] for r in range(rounds)]
+
+    runs = orders(30)
+    assert all(sorted(order) == list("abcd") for order in runs)
+    assert len({order[order.index("b") - 1] for order in runs if order[0] != "b"}) == 3
+    assert runs == orders(30)

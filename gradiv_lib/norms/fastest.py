@@ -16,6 +16,7 @@ the winner's own result, so the first and the later calls use the same method.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -75,18 +76,24 @@ def _clock(device: torch.device) -> Callable[[], float]:
 
 def time_interleaved(candidates: dict[str, Callable[[], Any]], device: torch.device, rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Best time of each candidate over ``rounds`` interleaved rounds (a burst of other work hits every
-    candidate alike), with device synchronisation and :func:`_clock`; and each one's last result."""
+    candidate alike), with device synchronisation and :func:`_clock`; and each one's last result.
+
+    The order is shuffled afresh every round (seeded, so the same candidates run in the same orders):
+    in a fixed order each candidate always follows the same one, and what ran just before a step
+    changes its time (the benchmark measured ~2 % for a step right after a plain training step)."""
     timings: dict[str, float] = {name: math.inf for name in candidates}
     results: dict[str, Any] = {}
     clock = _clock(device)
+    names = list(candidates)
+    shuffler = random.Random(0)
     for _ in range(rounds):
-        for name, candidate in candidates.items():
+        for name in shuffler.sample(names, len(names)):
             _synchronize(device)
             start = clock()
-            results[name] = candidate()
+            results[name] = candidates[name]()
             _synchronize(device)
             timings[name] = min(timings[name], clock() - start)
-    return timings, results
+    return timings, {name: results[name] for name in names}  # in the candidates' order
 
 
 def run_fastest(key: Hashable, candidates: dict[str, Callable[[], Tensor]], device: torch.device) -> Tensor:
