@@ -217,8 +217,8 @@ class MaybeTwice(nn.Module):
         return self.head(self.pool(h))
 
 
-def maybe_twice_conv() -> MaybeTwice:
-    conv = nn.Conv1d(3, 3, 3, padding=1)
+def maybe_twice_conv(bias: bool = True) -> MaybeTwice:
+    conv = nn.Conv1d(3, 3, 3, padding=1, bias=bias)
     return MaybeTwice(conv, nn.Linear(3 * 8, 2), lambda h: h.flatten(1), twice=True)
 
 
@@ -234,11 +234,13 @@ def test_a_convolution_called_twice_sums_per_sample_gradients_over_its_uses() ->
         assert of_sum == pytest.approx(expected_sum, rel=TOL)
 
 
-def test_a_fused_first_use_of_a_layer_used_twice_hands_over_its_per_sample_gradients(fused_calls: list[int]) -> None:
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_fused_first_use_of_a_layer_used_twice_hands_over_its_per_sample_gradients(bias: bool, fused_calls: list[int]) -> None:
     """Checked and fused with one use; then (same input signature) a forward pass that uses it twice: the
-    fused first use must give its per-sample gradients, to be summed with the second use's."""
+    fused first use must give its per-sample gradients (weight, and bias when the layer has one), to be
+    summed with the second use's."""
     torch.manual_seed(1)
-    model = maybe_twice_conv().double()
+    model = maybe_twice_conv(bias).double()
     x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
     model.twice = False
     meter = DiversityMeter(model)
@@ -458,11 +460,12 @@ def test_fused_decision_of_a_layer_never_timed_is_empty() -> None:
     assert fused.fused_decision(nn.Linear(2, 2)) == {}
 
 
-def test_a_fused_sequence_linear_layer_then_used_twice_hands_over_its_per_sample_gradients(fused_calls: list[int]) -> None:
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_fused_sequence_linear_layer_then_used_twice_hands_over_its_per_sample_gradients(bias: bool, fused_calls: list[int]) -> None:
     """Checked and fused with one use; then a forward pass that uses it twice (the per-sample gradients of
     the fused use, split into weight and bias, are summed with the second use's)."""
     torch.manual_seed(9)
-    model = MaybeTwice(nn.Linear(4, 4), nn.Linear(4, 3), lambda h: h.mean(1), twice=False).double()
+    model = MaybeTwice(nn.Linear(4, 4, bias=bias), nn.Linear(4, 3), lambda h: h.mean(1), twice=False).double()
     check_measured_calls(model, (3, 4))
     assert len(fused_calls) == 2
     model.twice = True
