@@ -11,22 +11,31 @@ The probe uses what defines the batch axis instead of its size. A model that tre
 independently is *equivariant* to a permutation :math:`\\pi` of its input samples: every
 intermediate tensor :math:`a` satisfies :math:`a(x_{\\pi}) = \\pi_k\\, a(x)` where :math:`\\pi_k`
 permutes axis :math:`k`, the batch axis of :math:`a`, and leaves the other axes alone. So the engine
-runs the model twice under ``no_grad`` in eval mode, on the batch and on the batch rolled by one
-sample, and for every tensor a hooked layer sees it keeps, per axis :math:`j` of size :math:`B`, the
+runs the model under ``no_grad`` in eval mode on the batch and on the batch rolled by one sample, and
+for every tensor a hooked layer sees it keeps, per axis :math:`j` of size :math:`B`, the
 fingerprint :math:`f_j(a) = (\\sum_{\\neg j} |a|,\\ \\sum_{\\neg j} a^2) \\in \\mathbb R^{2\\times B}`
 (sums over all the other axes). Axis :math:`k` is the batch axis when :math:`f_k` rolls with the
 samples and every other size-:math:`B` fingerprint is unchanged (sums over :math:`k` do not see the
 permutation). A tensor whose fingerprints are all unchanged does not depend on the sample (shared);
-one that changes in any other way mixes samples. Cost: two forward passes without autograd, once
-per model and input signature (shapes after the batch axis, dtypes, devices, train/eval), cached
-in :data:`_LAYOUTS`; every later call only looks its layout up.
+one that changes in any other way mixes samples.
+
+Equivariance is not independence: ``h - h.mean(0)``, a softmax over the batch axis or a roll along it
+are equivariant to the roll and still mix samples. So a third run replaces one sample by another
+(:func:`replaced_inputs`): in a model that treats samples independently only that sample's slice
+changes, so every other sample's fingerprint along the batch axis, and every shared tensor, must stay
+the same to rounding; otherwise the tensor is marked as mixing samples, and so is the model's own
+output (:attr:`Layout.outputs`). Cost: three forward passes without autograd, once per model and
+input signature (shapes after the batch axis, dtypes, devices, train/eval), cached in
+:data:`_LAYOUTS`; every later call only looks its layout up.
 
 Why not the alternatives: a declared layout (``batch_dim=``) is only as right as the declaration,
 and a first-call comparison of a few samples against ``torch.func`` needs the loss, which the
 :class:`~gradiv_lib.norms.DiversityMeter` never sees. The probe can be fooled only by a tensor whose
 fingerprints are symmetric along two size-:math:`B` axes at once (e.g. identical samples) and by
-forward passes that draw fresh random numbers in eval mode (both runs reuse one RNG state, so
-noise that is not tied to a sample makes the probe report sample mixing — loud, not silent).
+forward passes that draw fresh random numbers in eval mode (all runs reuse one RNG state, so
+noise that is not tied to a sample makes the probe report sample mixing — loud, not silent). Mixing
+is not seen when every sample of the probed batch is the same, when the forward pass takes other
+branches on the replaced batch, or when it happens after the model's output (in the loss).
 """
 
 from __future__ import annotations
@@ -52,12 +61,25 @@ class Layout:
     """Batch axes of every hooked layer call for one model and input signature.
 
     ``axes[(path, call)] = (input axes, output axes)``, one entry per flattened leaf: an axis, ``None``
-    (shared, not per sample) or :data:`MIXED`. ``grads_verified`` is set once the gradient-sum check
-    (``engine.py``) has passed for this signature.
+    (shared, not per sample) or :data:`MIXED`, in the order the layers first ran; ``outputs``: the same
+    for the leaves of the model's own output; ``first_mixed``: where mixed samples are first seen,
+    ``(layer path, "input" | "output", leaf index)`` (the path ``None`` for the model's output), or
+    ``None``. ``grads_verified`` is set once the gradient-sum check (``engine.py``) has passed for this
+    signature.
     """
 
     axes: dict[tuple[str, int], tuple[tuple[int | None, ...], tuple[int | None, ...]]] = field(default_factory=dict)
+    outputs: tuple[int | None, ...] = ()
+    first_mixed: tuple[str | None, str, int] | None = None
     grads_verified: bool = False
+
+    def find_mixed(self) -> tuple[str | None, str, int] | None:
+        """The first layer tensor (in forward order), else model output leaf, that mixes samples."""
+        for (path, _), (inputs, outputs) in self.axes.items():
+            for what, axes in (("input", inputs), ("output", outputs)):
+                if MIXED in axes:
+                    return path, what, axes.index(MIXED)
+        return (None, "output", self.outputs.index(MIXED)) if MIXED in self.outputs else None
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Layout]] = weakref.WeakKeyDictionary()
@@ -95,8 +117,21 @@ def _close(a: Tensor, b: Tensor, floor: float) -> bool:
     return difference <= max(0.01 * spread, floor * float(a.abs().max()) + 1e-300)
 
 
-def resolve(first: Fingerprint, rolled: Fingerprint) -> int | None:
-    """The batch axis of one tensor from its fingerprints on the batch and on the rolled batch."""
+def _same(a: Tensor, b: Tensor, floor: float) -> bool:
+    """Equal up to rounding only (the independence check: no allowance for a share of the spread)."""
+    return float((a - b).abs().max()) <= floor * float(a.abs().max()) + 1e-300
+
+
+def _finite(*prints: Fingerprint) -> bool:
+    """Whether fingerprints can be compared (non-finite activations, e.g. from a NaN input, cannot: such
+    calls stay unresolved, and the engine's checks of the loss and the gradients report them)."""
+    return all(p is None or all(bool(torch.isfinite(v).all()) for v in p.values()) for p in prints)
+
+
+def resolve(first: Fingerprint, rolled: Fingerprint, replaced: Fingerprint = None) -> int | None:
+    """The batch axis of one tensor from its fingerprints on the batch, on the rolled batch and (when
+    given) on the batch with sample 0 replaced: :data:`MIXED` if the replacement changes another
+    sample's slice or a tensor that the roll showed to be shared."""
     if first is None or rolled is None:
         return None
     floor = float(first[-1])
@@ -104,10 +139,21 @@ def resolve(first: Fingerprint, rolled: Fingerprint) -> int | None:
     if not axes or set(axes) != {axis for axis in rolled if axis >= 0}:
         return None if not axes else MIXED
     unchanged = {axis: _close(first[axis], rolled[axis], floor) for axis in axes}
+    found: int | None = MIXED
     for axis in axes:  # axis 0 first: a tensor constant across samples is read batch-first
         if _close(first[axis].roll(1, 1), rolled[axis], floor) and all(unchanged[j] for j in axes if j != axis):
-            return axis
-    return None if all(unchanged.values()) else MIXED
+            found = axis
+            break
+    else:
+        if all(unchanged.values()):
+            found = None
+    if replaced is None or found == MIXED:
+        return found
+    if set(axes) != {axis for axis in replaced if axis >= 0}:
+        return MIXED
+    if found is None:  # shared: no sample may change it
+        return None if all(_same(first[axis], replaced[axis], floor) for axis in axes) else MIXED
+    return found if _same(first[found][:, 1:], replaced[found][:, 1:], floor) else MIXED
 
 
 def signature(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
@@ -133,6 +179,21 @@ def rolled_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int
     return tree_unflatten(rolled, spec)
 
 
+def replaced_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The call's inputs with sample 0 of every batch-first tensor replaced by the first sample that
+    differs from it in some input (``None`` when every sample is the same)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    batched = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size]
+    source = next((j for j in range(1, batch_size) if any(not torch.equal(leaves[i][0], leaves[i][j]) for i in batched)), None)
+    if source is None:
+        return None
+    replaced = list(leaves)
+    for i in batched:
+        replaced[i] = leaves[i].clone()
+        replaced[i][0] = leaves[i][source]
+    return tree_unflatten(replaced, spec)
+
+
 def cuda_devices(args: Sequence[Any]) -> list[int]:
     """CUDA device indices among the tensors of a call (for ``fork_rng``)."""
     leaves, _ = tree_flatten(args)
@@ -144,8 +205,9 @@ Run = dict[str, list[tuple[list[Fingerprint], list[Fingerprint]]]]
 
 
 def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int, set_run: Callable[[Run | None], None]) -> Layout:
-    """Run ``model`` on the batch and on the batch rolled by one sample, under ``no_grad`` in eval mode
-    with one RNG state for both runs, and resolve the batch axis of every tensor the hooked layers saw.
+    """Run ``model`` on the batch, on the batch rolled by one sample and on the batch with one sample
+    replaced, under ``no_grad`` in eval mode with one RNG state for all runs, and resolve the batch axis
+    of every tensor the hooked layers saw and of the model's output.
 
     ``set_run(run)`` hands the engine's forward hooks the dict to record fingerprints into (``None``
     when done). Modes, the RNG streams and the fused-attention switch are restored afterwards.
@@ -156,27 +218,33 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
         If a probe forward pass fails (the way out, ``check='off'``, is named).
     """
     rolled_args, rolled_kwargs = rolled_inputs(args, kwargs, batch_size)
+    calls = [(args, kwargs), (rolled_args, rolled_kwargs)]
+    replaced = replaced_inputs(args, kwargs, batch_size)
+    if replaced is not None:
+        calls.append(replaced)
     modes = [(m, m.training) for m in model.modules()]
     devices = cuda_devices((args, kwargs))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     runs: list[Run] = []
+    outputs: list[list[Fingerprint]] = []
     try:
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)  # the fused eval path skips the submodules' hooks
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-            for call_args, call_kwargs in ((args, kwargs), (rolled_args, rolled_kwargs)):
+            for call_args, call_kwargs in calls:
                 torch.set_rng_state(states[0])
                 for d, state in zip(devices, states[1]):
                     torch.cuda.set_rng_state(state, d)
                 run: Run = {}
                 set_run(run)
-                model(*call_args, **call_kwargs)
+                output = model(*call_args, **call_kwargs)
                 runs.append(run)
+                outputs.append([fingerprint(leaf, batch_size) for leaf in tree_flatten(output)[0]])
     except Exception as error:
         raise ValueError(
-            f"the batch-axis probe (two forward passes of {type(model).__qualname__} in eval mode without autograd, "
-            f"on the batch and on the batch rolled by one sample) failed: {error}. Pass check='off' to skip it "
+            f"the batch-axis probe (forward passes of {type(model).__qualname__} in eval mode without autograd, "
+            f"on the batch, on the batch rolled by one sample and with one sample replaced) failed: {error}. Pass check='off' to skip it "
             "(batch axes are then read from shapes, and ambiguous shapes are refused)."
         ) from error
     finally:
@@ -185,15 +253,28 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
         for m, mode in modes:
             m.training = mode
     layout = Layout()
-    first, rolled = runs
-    for path, calls in first.items():
+    first, rolled = runs[0], runs[1]
+    third = runs[2] if len(runs) > 2 else None
+    for path, calls_seen in first.items():
         other = rolled.get(path, [])
-        if len(other) != len(calls):  # control flow depends on the data: such calls stay unresolved
+        if len(other) != len(calls_seen):  # control flow depends on the data: such calls stay unresolved
             continue
-        for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls, other)):
+        replaced_calls = third.get(path, []) if third is not None else []
+        for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls_seen, other)):
             if len(in1) == len(in2) and len(out1) == len(out2):
+                in3, out3 = replaced_calls[index] if len(replaced_calls) == len(calls_seen) else ([None] * len(in1), [None] * len(out1))
+                if len(in3) != len(in1) or len(out3) != len(out1):
+                    in3, out3 = [None] * len(in1), [None] * len(out1)
+                if not _finite(*in1, *out1, *in2, *out2, *in3, *out3):
+                    continue
                 layout.axes[(path, index)] = (
-                    tuple(resolve(a, b) for a, b in zip(in1, in2)),
-                    tuple(resolve(a, b) for a, b in zip(out1, out2)),
+                    tuple(resolve(a, b, c) for a, b, c in zip(in1, in2, in3)),
+                    tuple(resolve(a, b, c) for a, b, c in zip(out1, out2, out3)),
                 )
+    if len(outputs[0]) == len(outputs[1]):
+        replaced_outputs = outputs[2] if len(outputs) > 2 and len(outputs[2]) == len(outputs[0]) else [None] * len(outputs[0])
+        layout.outputs = tuple(
+            resolve(a, b, c) if _finite(a, b, c) else None for a, b, c in zip(outputs[0], outputs[1], replaced_outputs)
+        )
+    layout.first_mixed = layout.find_mixed()
     return layout

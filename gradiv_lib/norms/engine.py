@@ -20,9 +20,12 @@ sample-mixing layers (BatchNorm with batch statistics) are refused.
 Right or loud: two checks guard what hooks cannot see (``check="first_call"``, the default, runs them
 once per model and input signature; ``"every_call"`` on every measurement; ``"off"`` never).
 
-* **Batch axes** (``batch_axes.py``): a permutation probe finds which axis of every layer's tensors
-  holds the samples, so a ``(T, B, ·)`` tensor inside a batch-first model is handled on its real batch
-  axis (or refused with the layer named) even when ``T == B``.
+* **Batch axes and sample mixing** (``batch_axes.py``): a permutation probe finds which axis of every
+  layer's tensors holds the samples, so a ``(T, B, ·)`` tensor inside a batch-first model is handled on
+  its real batch axis (or refused with the layer named) even when ``T == B``; a third probe pass with
+  one sample replaced refuses operations between layers that mix samples yet commute with every
+  permutation (``h - h.mean(0)``, a softmax over the batch), which the gradient-sum check below
+  cannot see (the per-sample terms still add up to the batch gradient).
 * **Unseen parameter uses**: the per-sample gradients the hooks imply must add up to the gradient
   autograd produced, :math:`\\sum_i g_i^{\\text{hooks}} = \\nabla_w L`. A parameter also used outside
   its module (``x @ emb.weight.T``) or a layer that mixes samples breaks the identity; the engine then
@@ -462,15 +465,33 @@ class PerSampleNormEngine:
 
     def _after_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         root = self._root
-        if not self._recording() or root is None or self._check == "off" or root.layout is not None:
+        if not self._recording() or root is None or self._check == "off":
             return
-        if self._batch_size is not None and self._batch_size > 1:
+        if root.layout is None and self._batch_size is not None and self._batch_size > 1:
             root.layout = self._probe(args, kwargs)
             if self._check == "first_call":
                 batch_axes._LAYOUTS.setdefault(module, {})[self._signature] = root.layout
+        if root.layout is not None and root.layout.first_mixed is not None:  # on every call, cached layouts too
+            self._refuse_mixed(module, root.layout.first_mixed)
+
+    def _refuse_mixed(self, module: nn.Module, where: tuple[str | None, str, int]) -> None:
+        """Raise where the probe first saw mixed samples: a layer's input or output, else the model's output
+        (mixing after the last layer with parameters, or around layers whose parameters are frozen)."""
+        path, what, leaf = where
+        layer = next((layer for layer in self._layers if layer.path == path), None) if path is not None else None
+        if layer is not None:
+            self._refuse_axis(layer, what if layer.rule is not None else f"{what} {leaf}", MIXED)
+        raise ValueError(
+            f"the output of {type(module).__qualname__} (leaf {leaf} of its flattened output) does not treat the "
+            "samples independently: replacing one sample changes the other samples' outputs, so it mixes samples "
+            "(e.g. x - x.mean(0), a softmax or a sum across the batch, after the last layer with parameters) and "
+            "per-sample gradients are undefined. Keep every operation per sample, or pass check='off' if the "
+            "output draws noise in eval mode."
+        )
 
     def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
-        """Run the model on the batch and on the batch rolled by one sample (``batch_axes.py``)."""
+        """Run the model on the batch, on the batch rolled by one sample and on the batch with one sample
+        replaced (``batch_axes.py``)."""
 
         def set_run(run: dict[str, list[tuple[list[Any], list[Any]]]] | None) -> None:
             self._probe_run = run
@@ -582,9 +603,10 @@ class PerSampleNormEngine:
         if axis == MIXED:
             raise ValueError(
                 f"layer {layer.name}: its {what} changes when the samples of the batch are permuted in a way no "
-                "axis explains, so it mixes samples (batch statistics, a sum or a reshape across the batch, or "
-                "random numbers drawn in eval mode); per-sample gradients are undefined. Make the model treat "
-                "samples independently, or pass check='off' if its forward draws noise in eval mode."
+                "axis explains, or changes for other samples when one sample is replaced, so it mixes samples "
+                "(batch statistics such as x - x.mean(0), a softmax, sum or reshape across the batch, or random "
+                "numbers drawn in eval mode); per-sample gradients are undefined. Make the model treat samples "
+                "independently, or pass check='off' if its forward draws noise in eval mode."
             )
         raise ValueError(
             f"layer {layer.name}: its {what} is the same for every sample (it is computed once and broadcast "
