@@ -440,3 +440,54 @@ def test_identical_samples_leave_the_replacement_run_out() -> None:
     replaced, _ = batch_axes.replaced_inputs((torch.stack([x[0], x[0], x[0] + 1, x[0]]),), {}, 4)
     assert torch.equal(replaced[0][0], x[0] + 1) and torch.equal(replaced[0][1:], torch.stack([x[0], x[0] + 1, x[0]]))
     check(MixesBetweenLayers("none").double(), x.clone(), torch.randint(0, 3, (4,)))
+
+
+class Checkpointed(nn.Module):
+    """A middle layer under activation checkpointing: its forward pass runs again during the backward pass."""
+
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant  # None: no checkpointing (the reference: torch.func cannot trace it)
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        middle = lambda t: torch.tanh(self.b(t))  # noqa: E731
+        h = middle(h) if self.use_reentrant is None else torch.utils.checkpoint.checkpoint(middle, h, use_reentrant=self.use_reentrant)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing(use_reentrant: bool) -> None:
+    model = Checkpointed(use_reentrant).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model.use_reentrant = None
+    expected = reference_sq_norms(model, nn.CrossEntropyLoss(), x, y)
+    model.use_reentrant = use_reentrant
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-6)
+
+
+def test_a_weight_norm_parametrization() -> None:
+    """The Linear layer's weight is computed from two parameters of its parametrization (the fallback)."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3)).double()
+    check(model, torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+
+
+def test_a_batch_first_tensor_in_a_sequence_first_encoder_layer_is_refused() -> None:
+    """(B, T, E) handed to a batch_first=False TransformerEncoderLayer attends across the batch."""
+
+    class Misused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.encoder, self.head = nn.Linear(3, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.encoder(self.embed(x)).mean(1))
+
+    with pytest.raises(ValueError, match=r"layer 'encoder\.self_attn' \(MultiheadAttention\): its output 0 changes .* mixes samples"):
+        per_sample_sq_norms(Misused().double(), nn.CrossEntropyLoss(), torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
