@@ -173,6 +173,25 @@ def test_embedding_reused_as_output_head_by_matmul_is_refused() -> None:
         per_sample_sq_norms(MatmulTiedLM().double(), nn.CrossEntropyLoss(), torch.randint(0, 7, (B, 5)), classes(7))
 
 
+class AttentionWeightReused(nn.Module):
+    """The attention's output projection weight used again through F.linear, outside the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        attended = self.attention(h, h, h, need_weights=False)[0]
+        return self.head((attended + F.linear(h, self.attention.out_proj.weight)).mean(1))
+
+
+def test_an_attention_weight_also_used_outside_the_layer_is_refused() -> None:
+    """The attention rule hands its per-sample gradient sums to the first call's gradient check too."""
+    with pytest.raises(ValueError, match=r"parameter 'attention\.out_proj\.weight' received a gradient"):
+        per_sample_sq_norms(AttentionWeightReused().double(), nn.CrossEntropyLoss(), torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+
+
 def test_parameter_also_used_through_a_functional_call_is_refused() -> None:
     with pytest.raises(ValueError, match=r"parameter 'a\.weight' received a gradient"):
         per_sample_sq_norms(FunctionalReuse().double(), nn.CrossEntropyLoss(), torch.randn(B, 3, dtype=torch.float64), classes())

@@ -134,6 +134,9 @@ def test_held_meter_ignores_passes_between_measurements_and_releases() -> None:
     meter.release()  # idempotent
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
     assert all(not p._backward_hooks for p in model.parameters())
+    sq_norms, _, _ = metered(meter, model, x, y)  # after release, a plain with-block registers and removes its own
+    assert_close(sq_norms, expected)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
 
 
 def test_accumulator_in_place_sum_matches_float64_concatenation() -> None:
