@@ -126,6 +126,12 @@ def _materialized_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     return torch.matmul(a.transpose(-1, -2), g).square().reshape(a.shape[0], -1).sum(1)
 
 
+def _terms_bound(a: Tensor, g: Tensor) -> Tensor:
+    """Per sample, ‖A‖²_F ‖D‖²_F ≥ (Σ_t ‖a_t‖ ‖δ_t‖)² ≥ ‖Σ_t δ_t a_tᵀ‖²: the size of the terms a per-sample
+    norm is a sum of, whatever it cancels to (Cauchy-Schwarz); the scale of the race's agreement check."""
+    return a.double().reshape(a.shape[0], -1).square().sum(1) * g.double().reshape(g.shape[0], -1).square().sum(1)
+
+
 def _method_costs(positions: int, in_features: int, out_features: int) -> dict[str, float]:
     """Multiply-adds per sample and group: Gram T²(d + p), materialisation T·d·p."""
     return {"gram": positions * positions * (in_features + out_features), "materialize": positions * in_features * out_features}
@@ -148,7 +154,7 @@ def _linear_sequence_weight_sq_norms(a: Tensor, g: Tensor, strategy: SequenceStr
     if "materialize" in allowed:
         candidates["materialize"] = lambda: _in_batch_chunks(_materialized_sq_norms, a, g, in_features * out_features)
     key = ("linear", tuple(a.shape), tuple(g.shape), a.dtype, a.device, strategy)
-    return run_fastest(key, candidates, a.device)
+    return run_fastest(key, candidates, a.device, lambda: _terms_bound(a, g))
 
 
 def _linear_sq_norms(module: nn.Module, a: Tensor, g: Tensor, strategy: SequenceStrategy) -> Tensor:
@@ -423,7 +429,13 @@ def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, s
         "conv", module.kernel_size, module.stride, module.padding, module.dilation, groups, module.padding_mode,
         bias, tuple(x.shape), tuple(g.shape), x.dtype, x.device, strategy,
     )
-    result = run_fastest(key, {name: run(plan) for name, plan in plans.items()}, x.device)
+    def terms() -> Tensor:
+        """‖A‖²_F ‖D‖²_F (``_terms_bound``) with ‖A‖²_F ≤ k_h·k_w ‖x_pad‖² (an entry of the padded input
+        is in at most k_h·k_w windows), plus one per position and group for the bias's ones row."""
+        windows = math.prod(module.kernel_size) * _padded_conv_input(module, x).double().reshape(x.shape[0], -1).square().sum(1)
+        return windows.add_(positions * groups if bias else 0) * g.double().reshape(g.shape[0], -1).square().sum(1)
+
+    result = run_fastest(key, {name: run(plan) for name, plan in plans.items()}, x.device, terms)
     winner = next(iter(plans)) if len(plans) == 1 else winner_of(key)
     if winner is not None:
         _conv_plans.setdefault(module, {})[fast_key] = plans[winner]
