@@ -345,6 +345,7 @@ def test_every_conv_method_on_random_geometry(config: dict, seed: int, dtype: to
     """Each conv method the "auto" race may pick equals the per-sample loop (float64, 1e-9); so does the
     engine, in float64 and float32."""
     torch.manual_seed(seed)
+    config = dict(config)  # the @example dicts are shared between runs of the test: do not pop from them
     dims, batch, size = config.pop("dims"), config.pop("batch"), config.pop("size")
     conv = (nn.Conv2d if dims == 2 else nn.Conv1d)(**config).double()
     x = torch.randn(batch, config["in_channels"], *size, dtype=torch.float64)
