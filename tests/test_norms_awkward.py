@@ -510,3 +510,92 @@ def test_a_batch_first_tensor_in_a_sequence_first_encoder_layer_is_refused() -> 
 
     with pytest.raises(ValueError, match=r"layer 'encoder\.self_attn' \(MultiheadAttention\): its output 0 changes .* mixes samples"):
         per_sample_sq_norms(Misused().double(), nn.CrossEntropyLoss(), torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+
+
+# --- the probe's helpers, on their definitions ----------------------------------------------------------------
+
+
+def test_probe_inputs_change_batch_first_tensors_only() -> None:
+    """Rolled and replaced inputs: every tensor whose axis 0 has size B (1-D ones too) changes, other leaves
+    (numbers, 0-d tensors, tensors of another length) are passed through; the replacement takes the first
+    sample that differs from sample 0 (here sample 1)."""
+    from gradiv_lib.norms import batch_axes
+
+    a, b = torch.zeros(3), torch.ones(3)
+    x = torch.stack([a, b, a, a])
+    lengths, scale, other = torch.tensor([5, 6, 7, 8]), torch.tensor(2.0), torch.arange(3)
+    args, kwargs = (x,), {"lengths": lengths, "scale": scale, "other": other, "n": 3}
+    (rx,), rk = batch_axes.rolled_inputs(args, kwargs, 4)
+    assert torch.equal(rx, x.roll(1, 0)) and torch.equal(rk["lengths"], lengths.roll(1, 0))
+    assert rk["scale"] is scale and rk["other"] is other and rk["n"] == 3
+    (px,), pk = batch_axes.replaced_inputs(args, kwargs, 4)
+    assert torch.equal(px, torch.stack([b, b, a, a])) and torch.equal(pk["lengths"], torch.tensor([6, 6, 7, 8]))
+    assert pk["scale"] is scale and pk["other"] is other and pk["n"] == 3
+    assert torch.equal(x, torch.stack([a, b, a, a])) and torch.equal(lengths, torch.tensor([5, 6, 7, 8]))  # not in place
+
+
+def test_resolve_on_its_definition() -> None:
+    """Per tensor: the axis that rolls with the samples; MIXED if the shape changes between runs, if it changes
+    under the roll in a way no axis explains (a cumulative sum along the batch), or if replacing one sample
+    changes another sample's slice or a tensor that the roll showed to be shared; None without an axis of size B."""
+    from gradiv_lib.norms.batch_axes import MIXED, fingerprint, resolve
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    rolled, replaced = x.roll(1, 0), torch.cat([x[1:2], x[1:]])
+    f = lambda t: fingerprint(t, 4)  # noqa: E731
+    assert resolve(f(x), f(rolled), f(replaced)) == 0
+    assert resolve(f(x.T), f(rolled.T), f(replaced.T)) == 1
+    assert resolve(f(x.cumsum(0)), f(rolled.cumsum(0))) == MIXED
+    assert resolve(f(x), f(rolled.T)) == MIXED  # the axis of size B moved between the runs
+    assert resolve(f(torch.randn(3, 5)), f(torch.randn(3, 5))) is None
+    positions = torch.randn(5, 4, dtype=torch.float64)  # shared and data-independent, with an axis of size B
+    assert resolve(f(positions), f(positions.clone()), f(positions.clone())) is None
+    assert resolve(f(positions), f(positions.clone()), f(positions + 1)) == MIXED  # shared, yet a sample changed it
+    centred = x - x.mean(0)
+    assert resolve(f(centred), f(rolled - rolled.mean(0)), f(replaced - replaced.mean(0))) == MIXED
+    stats = torch.stack([x.mean(0), x.std(0), x.amax(0), x.amin(0)], 1)  # [3, 4]: statistics, not samples
+    stats_replaced = torch.stack([replaced.mean(0), replaced.std(0), replaced.amax(0), replaced.amin(0)], 1)
+    assert resolve(f(stats), f(stats.clone()), f(stats_replaced)) == MIXED
+
+
+def test_an_all_zero_activation_is_not_mixing() -> None:
+    """A zero-initialised layer makes the next layer's input exactly zero for every sample: the probe's
+    comparisons must call equal zeros equal (not 'changed', which would refuse the model)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    nn.init.zeros_(model[0].weight)
+    nn.init.zeros_(model[0].bias)
+    check(model, torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+
+
+class MaskedMean(nn.Module):
+    """Called with a keyword argument (a per-sample mask over positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, *, mask: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x)) * mask.unsqueeze(-1)
+        return self.head(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+def test_a_model_called_with_keyword_arguments_and_changing_lengths() -> None:
+    """The probe passes the keyword arguments on (rolled and replaced with the batch), and a new sequence
+    length is a new signature (probed anew)."""
+    torch.manual_seed(0)
+    model = MaskedMean().double()
+    meter = DiversityMeter(model)
+    for length in (4, 6, 4):
+        x, y = torch.randn(5, length, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+        mask = (torch.rand(5, length) < 0.7).double()
+        mask[:, 0] = 1.0
+        expected = []
+        for i in range(5):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[i : i + 1], mask=mask[i : i + 1]), y[i : i + 1]).backward()
+            expected.append(sum(p.grad.square().sum() for p in model.parameters()))
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x, mask=mask), y).backward()
+        assert_norms_close(meter.sq_norms, torch.stack(expected), 1e-9)
