@@ -172,10 +172,15 @@ def signature(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return tuple(parts)
 
 
+def _batch_first(leaf: Any, batch_size: int) -> bool:
+    """Whether an input leaf is a tensor with the samples on axis 0 (the ones the probe changes)."""
+    return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size
+
+
 def rolled_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call's inputs with every batch-first tensor rolled by one sample along axis 0."""
     leaves, spec = tree_flatten((args, kwargs))
-    rolled = [leaf.roll(1, 0) if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size else leaf for leaf in leaves]
+    rolled = [leaf.roll(1, 0) if _batch_first(leaf, batch_size) else leaf for leaf in leaves]
     return tree_unflatten(rolled, spec)
 
 
@@ -183,7 +188,7 @@ def replaced_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: i
     """The call's inputs with sample 0 of every batch-first tensor replaced by the first sample that
     differs from it in some input (``None`` when every sample is the same)."""
     leaves, spec = tree_flatten((args, kwargs))
-    batched = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size]
+    batched = [i for i, leaf in enumerate(leaves) if _batch_first(leaf, batch_size)]
     source = next((j for j in range(1, batch_size) if any(not torch.equal(leaves[i][0], leaves[i][j]) for i in batched)), None)
     if source is None:
         return None
@@ -262,8 +267,8 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
         replaced_calls = third.get(path, []) if third is not None else []
         for index, ((in1, out1), (in2, out2)) in enumerate(zip(calls_seen, other)):
             if len(in1) == len(in2) and len(out1) == len(out2):
-                in3, out3 = replaced_calls[index] if len(replaced_calls) == len(calls_seen) else ([None] * len(in1), [None] * len(out1))
-                if len(in3) != len(in1) or len(out3) != len(out1):
+                in3, out3 = replaced_calls[index] if len(replaced_calls) == len(calls_seen) else ((), ())
+                if len(in3) != len(in1) or len(out3) != len(out1):  # no replaced run, or other branches in it
                     in3, out3 = [None] * len(in1), [None] * len(out1)
                 if not _finite(*in1, *out1, *in2, *out2, *in3, *out3):
                     continue

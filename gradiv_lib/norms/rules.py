@@ -129,7 +129,7 @@ def _materialized_sq_norms(a: Tensor, g: Tensor) -> Tensor:
 def _terms_bound(a: Tensor, g: Tensor) -> Tensor:
     """Per sample, ‖A‖²_F ‖D‖²_F ≥ (Σ_t ‖a_t‖ ‖δ_t‖)² ≥ ‖Σ_t δ_t a_tᵀ‖²: the size of the terms a per-sample
     norm is a sum of, whatever it cancels to (Cauchy-Schwarz); the scale of the race's agreement check."""
-    return a.double().reshape(a.shape[0], -1).square().sum(1) * g.double().reshape(g.shape[0], -1).square().sum(1)
+    return _sq_sum_rows(a.double()) * _sq_sum_rows(g.double())
 
 
 def _method_costs(positions: int, in_features: int, out_features: int) -> dict[str, float]:
@@ -432,8 +432,8 @@ def _conv_weight_sq_norms(module: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor, s
     def terms() -> Tensor:
         """‖A‖²_F ‖D‖²_F (``_terms_bound``) with ‖A‖²_F ≤ k_h·k_w ‖x_pad‖² (an entry of the padded input
         is in at most k_h·k_w windows), plus one per position and group for the bias's ones row."""
-        windows = math.prod(module.kernel_size) * _padded_conv_input(module, x).double().reshape(x.shape[0], -1).square().sum(1)
-        return windows.add_(positions * groups if bias else 0) * g.double().reshape(g.shape[0], -1).square().sum(1)
+        windows = math.prod(module.kernel_size) * _sq_sum_rows(_padded_conv_input(module, x).double())
+        return windows.add_(positions * groups if bias else 0) * _sq_sum_rows(g.double())
 
     result = run_fastest(key, {name: run(plan) for name, plan in plans.items()}, x.device, terms)
     winner = next(iter(plans)) if len(plans) == 1 else winner_of(key)
