@@ -246,3 +246,58 @@ def test_the_race_shuffles_its_order_every_round_reproducibly() -> None:
     assert all(sorted(order) == list("abcd") for order in runs)
     assert len({order[order.index("b") - 1] for order in runs if order[0] != "b"}) == 3
     assert runs == orders(30)
+
+
+def test_an_mlp_whose_layers_all_give_factors_keeps_the_first_calls_numbers_bit_for_bit() -> None:
+    """Every layer gives row-norm factors, so later calls sum the stacked factor matrix directly (no
+    unbind and restack): the same float32 numbers as the checked first call, and Δ's parts match
+    vmap(grad) to float32 rounding."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 8, bias=False), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(11, 7), torch.randint(0, 3, (11,))
+    meter = DiversityMeter(model)
+    first, first_total, first_sum = metered(meter, model, x, y)
+    first = first.clone()
+    for _ in range(2):
+        later, total, of_sum = metered(meter, model, x, y)
+        assert torch.equal(later, first) and total == first_total and of_sum == first_sum
+    assert len(meter._engine._factor_parts) == 3 and meter._engine._factor_matrix() is not None
+    expected, expected_sum = reference(model.double(), x.double(), y)
+    assert float((first.double() - expected).abs().max()) <= 1e-5 * float(expected.max())
+    assert first_sum == pytest.approx(expected_sum, rel=1e-5)
+
+
+class SparseEmbeddingHead(nn.Module):
+    """A sparse-gradient embedding (float32) under a float64 head: ‖Σ_i ∇ℓ_i‖² adds a sparse gradient's
+    stored values and gradients of two dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4, sparse=True)
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.embedding(tokens).double())
+
+
+@pytest.mark.parametrize("repeated_token", [False, True])
+def test_sq_norm_of_sum_from_a_sparse_gradient_and_two_dtypes(repeated_token: bool) -> None:
+    """‖Σ_i ∇ℓ_i‖² equals the dense reference: the sparse .grad is coalesced first (a token used by two
+    samples has two stored rows that must be added before squaring), and the float32 and float64 parts
+    are added in float64."""
+    torch.manual_seed(7)
+    model = SparseEmbeddingHead()
+    tokens = torch.tensor([1, 4, 4, 7] if repeated_token else [1, 4, 6, 7])
+    y = torch.tensor([0, 2, 1, 2])
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        _, total, of_sum = metered(meter, model, tokens, y)
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(tokens), y, reduction="sum").backward()
+        dense = [p.grad.to_dense().double() for p in model.parameters()]
+        expected_sum = sum(float(g.square().sum()) for g in dense)
+        assert of_sum == pytest.approx(expected_sum, rel=1e-6)
+    if repeated_token:  # squaring the uncoalesced rows separately would give a different number
+        grad = model.embedding.weight.grad
+        uncoalesced = float(grad._values().double().square().sum()) + float(dense[1].square().sum()) + float(dense[2].square().sum())
+        assert abs(uncoalesced - expected_sum) > 1e-3 * expected_sum

@@ -65,6 +65,8 @@ def _eligible(module: nn.Module, x: Tensor, y: Tensor) -> bool:
 def fusable(module: nn.Module, x: Tensor, y: Tensor, strategy: str) -> bool:
     """Whether :class:`FusedWeightGrad` reproduces this call of ``module`` exactly (see the module docstring)
     and was timed faster than the hook rule for these shapes (:func:`decide`, on the checked first call)."""
+    if x.dim() < 3 and isinstance(module, nn.Linear):  # never eligible (``_eligible``): skip the lookup, every step
+        return False
     known = _decisions.get(module)
     return (
         known is not None
