@@ -485,7 +485,8 @@ class EpochDiversityAccumulator:
         # added in place, parameter by parameter, into views of one flat buffer: no concatenated copy and
         # no float64 temporary per batch (the float32 entries are promoted inside the addition)
         torch._foreach_add_(self._views(grads), grads, alpha=size if grad_reduction == "mean" else 1)
-        total = total * (size**2 if sq_norms_reduction == "mean" else 1)
+        if sq_norms_reduction == "mean":
+            total = total * size**2
         if isinstance(total, Tensor):
             self._unchecked_sq_norms = total if self._unchecked_sq_norms is None else self._unchecked_sq_norms.add_(total)
         else:

@@ -301,3 +301,28 @@ def test_sq_norm_of_sum_from_a_sparse_gradient_and_two_dtypes(repeated_token: bo
         grad = model.embedding.weight.grad
         uncoalesced = float(grad._values().double().square().sum()) + float(dense[1].square().sum()) + float(dense[2].square().sum())
         assert abs(uncoalesced - expected_sum) > 1e-3 * expected_sum
+
+
+def test_a_meter_without_the_sum_measures_the_same_per_sample_norms_and_refuses_result() -> None:
+    """``sq_norm_of_sum=False`` (``train()``'s meter): the per-sample norms are those of the default
+    meter, no gradient is read for ‖Σ∇ℓ_i‖², and asking for Δ raises instead of returning a number
+    without its denominator."""
+    torch.manual_seed(8)
+    model = mlp()
+    x, y = torch.randn(9, 7, dtype=torch.float64), torch.randint(0, 3, (9,))
+    full, per_sample_only = DiversityMeter(model), DiversityMeter(model, sq_norm_of_sum=False)
+    expected, _ = reference(model, x, y)
+    for _ in range(2):
+        with_sum, _, _ = metered(full, model, x, y)
+        model.zero_grad(set_to_none=True)
+        with per_sample_only:
+            nn.functional.cross_entropy(model(x), y).backward()
+        assert torch.equal(per_sample_only.sq_norms, with_sum)
+        assert_close(per_sample_only.sq_norms, expected)
+        assert per_sample_only._engine._grad_sq_norms == [] and len(full._engine._grad_sq_norms) == len(list(model.parameters()))
+        with pytest.raises(RuntimeError, match="sq_norm_of_sum=False"):
+            per_sample_only.result
+        with pytest.raises(RuntimeError, match="measure_sum=False"):
+            per_sample_only._engine.grad_sum_sq_norm()
+    with pytest.raises(TypeError, match="sq_norm_of_sum must be a bool, got 'no'"):
+        DiversityMeter(model, sq_norm_of_sum="no")

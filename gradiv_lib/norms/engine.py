@@ -264,6 +264,10 @@ class PerSampleNormEngine:
         Where :math:`\\|\\sum_i \\nabla\\ell_i\\|^2` comes from: ``"hooks"`` (one hook per parameter; works
         with ``torch.autograd.grad``) or ``"backward"`` (read from ``.grad`` once when the backward pass
         ends, when every ``.grad`` was empty before it; the per-parameter hooks otherwise).
+    measure_sum
+        ``False``: skip :math:`\\|\\sum_i \\nabla\\ell_i\\|^2` (:meth:`grad_sum_sq_norm` then raises), for a
+        loop that sums the gradients itself (``train()`` over an epoch); the gradients are still counted for
+        the checks.
     fuse_weight_grads
         ``True``: after the checked first call, convolutions and Linear layers on sequences whose fused
         backward pass was timed faster form their weight gradient as the sum of the per-sample gradients
@@ -287,6 +291,7 @@ class PerSampleNormEngine:
         check: Check = "first_call",
         grad_source: GradSource = "hooks",
         fuse_weight_grads: bool = False,
+        measure_sum: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
@@ -298,6 +303,9 @@ class PerSampleNormEngine:
             raise ValueError(f"grad_source must be one of {GRAD_SOURCES}, got {grad_source!r}")
         if not isinstance(fuse_weight_grads, bool):
             raise TypeError(f"fuse_weight_grads must be a bool, got {fuse_weight_grads!r}")
+        if not isinstance(measure_sum, bool):
+            raise TypeError(f"measure_sum must be a bool, got {measure_sum!r}")
+        self._measure_sum = measure_sum
         self._parameters = [p for p in model.parameters() if p.requires_grad]
         if not self._parameters:
             raise ValueError(
@@ -683,7 +691,8 @@ class PerSampleNormEngine:
             g = p.grad
             if g is None:
                 continue
-            sq_norms.append(_squared_norm(g))
+            if self._measure_sum:
+                sq_norms.append(_squared_norm(g))
             counts[id(p)] += 1
             if self._verify:  # a copy: .grad may be clipped in place before the check runs
                 self._actual_grads[id(p)] = g.detach().clone()
@@ -788,8 +797,8 @@ class PerSampleNormEngine:
         # gradient (measured: +13 % of an MLP step when the norms were deferred to the end of backward)
         self._complete = False
         self._grad_counts[pid] += 1
-        # hooks run with grad mode off unless backward(create_graph=True); only then is detach needed
-        self._grad_sq_norms.append(_squared_norm(grad.detach() if torch.is_grad_enabled() else grad))
+        if self._measure_sum:  # hooks run with grad mode off unless backward(create_graph=True); only then is detach needed
+            self._grad_sq_norms.append(_squared_norm(grad.detach() if torch.is_grad_enabled() else grad))
         if self._verify:
             self._actual_grads[pid] = grad.detach()
 
@@ -936,6 +945,8 @@ class PerSampleNormEngine:
 
     def grad_sum_sq_norm(self) -> Tensor:
         """Squared norm of the gradient this backward pass produced (a 0-d float64 tensor)."""
+        if not self._measure_sum:
+            raise RuntimeError("this engine was built with measure_sum=False: it records per-sample norms only")
         self._check_complete()
         parts = self._grad_sq_norms
         if len(parts) == 1:

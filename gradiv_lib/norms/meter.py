@@ -70,6 +70,11 @@ class DiversityMeter:
         without the meter (costs one more weight-gradient computation per conv or sequence Linear layer
         and step). ``False`` (default): those layers sum their per-sample gradients into ``.grad`` (equal to
         float rounding).
+    sq_norm_of_sum
+        ``False``: measure the per-sample norms only (:attr:`sq_norms`), not
+        :math:`\\|\\sum_i \\nabla_w \\ell_i\\|^2`, for a loop that sums the gradients itself (``train()``
+        accumulates them over an epoch); :attr:`result` then raises. Saves reading every gradient once
+        per step.
 
     Examples
     --------
@@ -91,14 +96,19 @@ class DiversityMeter:
         sequence_strategy: SequenceStrategy = "auto",
         check: Check = "first_call",
         exact_grad: bool = False,
+        sq_norm_of_sum: bool = True,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if not isinstance(exact_grad, bool):
             raise TypeError(f"exact_grad must be a bool, got {exact_grad!r}")
+        if not isinstance(sq_norm_of_sum, bool):
+            raise TypeError(f"sq_norm_of_sum must be a bool, got {sq_norm_of_sum!r}")
         self._engine = PerSampleNormEngine(
-            model, sequence_strategy=sequence_strategy, check=check, grad_source="backward", fuse_weight_grads=not exact_grad
+            model, sequence_strategy=sequence_strategy, check=check, grad_source="backward", fuse_weight_grads=not exact_grad,
+            measure_sum=sq_norm_of_sum,
         )
+        self._with_sum = sq_norm_of_sum
         self._model = model
         self._loss_reduction = loss_reduction
         self._sq_norms: Tensor | None = None
@@ -182,11 +192,17 @@ class DiversityMeter:
         Raises
         ------
         RuntimeError
-            If no forward/backward pass, or more than one backward pass, was recorded.
+            If no forward/backward pass, or more than one backward pass, was recorded, or the meter was
+            built with ``sq_norm_of_sum=False``.
         ValueError
             If gradients are not finite, or some parameter's gradient was produced outside a hooked layer.
         """
         if self._result is None:
+            if not self._with_sum:
+                raise RuntimeError(
+                    "this DiversityMeter was built with sq_norm_of_sum=False, so it measures the per-sample norms "
+                    "only (meter.sq_norms); build it with sq_norm_of_sum=True (the default) to read meter.result"
+                )
             self._warn_if_summed_cross_entropy()
             seen = self._engine.sq_norms()
             scale = self._factor(seen.shape[0]) ** 2

@@ -428,7 +428,8 @@ def train(
                         # exact_grad: autograd's own weight gradients, so a run that measures is bit for bit
                         # the run that does not (and the same on every rerun: the meter's fused layers
                         # are chosen by timing and equal autograd's only to rounding, which training amplifies)
-                        kept_meter = DiversityMeter(model, loss_reduction=reduction, exact_grad=True)
+                        # sq_norm_of_sum=False: the loop sums the gradients itself (the epoch accumulator)
+                        kept_meter = DiversityMeter(model, loss_reduction=reduction, exact_grad=True, sq_norm_of_sum=False)
                         kept_for = trainable
                     meter = kept_meter.hold()
                 if device.type == "cuda":
