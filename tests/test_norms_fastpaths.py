@@ -326,3 +326,21 @@ def test_a_meter_without_the_sum_measures_the_same_per_sample_norms_and_refuses_
             per_sample_only._engine.grad_sum_sq_norm()
     with pytest.raises(TypeError, match="sq_norm_of_sum must be a bool, got 'no'"):
         DiversityMeter(model, sq_norm_of_sum="no")
+
+
+def test_the_squared_norm_of_a_long_float32_gradient_is_summed_accurately() -> None:
+    """‖g‖² of a 4·10⁶-entry float32 gradient to 5e-6 of the float64 value: one float32 dot (or norm
+    reduction) along the whole length is off by 2e-5 (2e-4) here; the chunked dots added in float64 are not."""
+    from gradiv_lib.norms.engine import _DOT_CHUNK, _squared_norm
+
+    generator = torch.Generator().manual_seed(9)
+    grad = torch.randn(2000, 2000, generator=generator) * 0.01 + 0.003
+    assert grad.numel() > 4 * _DOT_CHUNK
+    exact = float(grad.double().square().sum())
+    assert float(_squared_norm(grad)) == pytest.approx(exact, rel=5e-6)
+    short = grad[:100]  # one dot below the chunk length, in the gradient's dtype
+    got = _squared_norm(short)
+    assert got.dtype == torch.float32 and float(got) == pytest.approx(float(short.double().square().sum()), rel=1e-5)
+    half = (grad[:10] * 30000).half()  # squares above float16's range: computed in float32
+    assert math.isfinite(float(_squared_norm(half)))
+    assert float(_squared_norm(half)) == pytest.approx(float(half.double().square().sum()), rel=1e-5)
