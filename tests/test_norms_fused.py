@@ -69,16 +69,20 @@ def check_measured_calls(model: nn.Module, shape: tuple[int, ...], *, batch: int
             torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+@pytest.fixture(params=fused.FUSED_METHODS)
+def fused_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts backward passes through FusedWeightGrad (so a test knows the fused path really ran), with the
-    timed decision forced to fuse (on these tiny layers the clock may prefer either path)."""
+    timed decision forced to fuse (on these tiny layers the clock may prefer either path), by each fused
+    method in turn (a Linear layer has only ``"gemm"``)."""
+    forced = request.param
     monkeypatch.setattr(fused, "_fused_wins", lambda fused, hooks: True)
+    monkeypatch.setattr(fused, "_fastest_fused", lambda seconds: forced if forced in seconds else "gemm")
     calls: list[int] = []
     original = fused.FusedWeightGrad.backward
 
     def counting(ctx, grad_output):
         calls.append(1)
+        assert ctx.method == (forced if isinstance(ctx.module, (nn.Conv1d, nn.Conv2d)) else "gemm")
         return original(ctx, grad_output)
 
     monkeypatch.setattr(fused.FusedWeightGrad, "backward", staticmethod(counting))
@@ -155,17 +159,20 @@ def test_a_2d_linear_layer_is_never_fused(fused_calls: list[int]) -> None:
 
 
 def test_fused_path_is_not_a_no_op_a_dropped_bias_row_is_caught(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
-    """A plausible wrong variant (per-sample gradients without the bias row) gives other norms."""
+    """A plausible wrong variant of either fused method (per-sample gradients without the bias row, or
+    per-sample bias gradients of zero) gives other norms, once the checked first call has chosen it."""
     model, shape = _conv_model("conv1d")
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     expected, _ = reference(model, x, y)
-    original = fused.per_sample_weight_grads
-    monkeypatch.setattr(fused, "per_sample_weight_grads", lambda m, a, g, bias: original(m, a, g, False) if bias else original(m, a, g, bias))
     meter = DiversityMeter(model)
     step(meter, model, x, y)
-    with pytest.raises(Exception):  # wrong norms, or a shape error in the bias split: never the right number
+    original, grouped = fused.per_sample_weight_grads, fused._grouped_conv_grads
+    monkeypatch.setattr(fused, "per_sample_weight_grads", lambda m, a, g, bias: original(m, a, g, False) if bias else original(m, a, g, bias))
+    monkeypatch.setattr(fused, "_grouped_conv_grads", lambda m, a, g, bias: (lambda w, b: (w, b if b is None else torch.zeros_like(b)))(*grouped(m, a, g, bias)))
+    with pytest.raises(Exception) as caught:  # wrong norms, or a shape error in the bias split: never the right number
         sq_norms, _ = step(meter, model, x, y)
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+    assert fused_calls and caught.type in (AssertionError, RuntimeError), caught.exconly()
 
 
 @pytest.mark.parametrize("kind", ["conv", "sequence"])

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from gradiv_lib.norms import batch_axes, fused, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
-from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, _sq_sum_rows, summed_grads
+from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
 
 Check = Literal["first_call", "every_call", "off"]
 """When the engine runs its batch-axis probe and gradient-sum check."""
@@ -137,7 +137,7 @@ class _FusedReport:
     def __init__(self, engine: PerSampleNormEngine, layer: _Layer, batch: int) -> None:
         self._engine, self._layer, self._batch, self._parts, self._done = engine, layer, batch, [], False
 
-    def __call__(self, grads: Tensor, start: int) -> None:
+    def __call__(self, grads: fused.PerSampleGrads, start: int) -> None:
         engine, layer = self._engine, self._layer
         if self._done:  # a second backward pass through a retained graph
             engine._extra_passes = True
@@ -145,17 +145,15 @@ class _FusedReport:
         if start == 0:
             engine._on_backward()
         materialize = engine._materializes(layer)
-        self._parts.append(grads if materialize else _sq_sum_rows(grads))
-        if start + grads.shape[0] < self._batch:
+        self._parts.append(grads if materialize else fused.sq_norms_of(grads))
+        if start + (grads if isinstance(grads, Tensor) else grads[0]).shape[0] < self._batch:
             return
         self._done = True
-        part = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
-        self._parts = []
+        parts, self._parts = self._parts, []
         if materialize:
-            weight, bias = fused.weight_and_bias(layer.module, part, "bias" in layer.params)
-            engine._add_per_sample_grads(layer, {"weight": weight} if bias is None else {"weight": weight, "bias": bias})
+            engine._add_per_sample_grads(layer, fused.per_sample_parameter_grads(layer.module, parts, "bias" in layer.params))
         else:
-            engine._sq_norm_parts.append(part)
+            engine._sq_norm_parts.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         layer.covered = True
 
 
@@ -575,8 +573,9 @@ class PerSampleNormEngine:
         if self._batch_size is None or activation.shape[0] != self._batch_size:
             self._check_batch(layer, activation)
         index = self._call_index(layer)
-        if layer.fusable and not self._verify and fused.fusable(module, activation, output, self._strategy) and self._fused_layout(layer, index):
-            return fused.fused_output(module, activation, output, _FusedReport(self, layer, self._batch_size))
+        method = fused.fusable(module, activation, output, self._strategy) if layer.fusable and not self._verify else None
+        if method is not None and self._fused_layout(layer, index):
+            return fused.fused_output(module, activation, output, _FusedReport(self, layer, self._batch_size), method)
         target = _hook_target(output)
         hook = _OutputGradHook(self, layer, self._root, index, layer.rule.save(module, activation, output), None if target is output else output.shape)
         target.register_hook(hook)
