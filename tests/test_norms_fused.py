@@ -195,10 +195,18 @@ def test_fused_input_gradient_is_autograds(kind: str, fused_calls: list[int]) ->
 
 
 def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
-    # 2-3 samples per chunk in both layers (19·(6 + 36·2) = 1482 and 55·(5 + 36) = 2255 elements per sample)
-    monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 5000)
+    """Several batch chunks per layer under both fused methods. Elements per sample: im2col + GEMM
+    19·(6 + 36·2) = 1482 and 55·(5 + 36) = 2255 (one sample per chunk); grouped convolution 19·6 + 4·36 = 258
+    and 55·5 + 6·36 = 491 (two and one)."""
+    from gradiv_lib.norms.engine import _FusedReport
+
+    later_chunks: list[int] = []
+    original = _FusedReport.__call__
+    monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 600)
+    monkeypatch.setattr(_FusedReport, "__call__", lambda report, grads, start: later_chunks.append(start) or original(report, grads, start))
     check_measured_calls(*_conv_model("conv2d_groups2_dilation2"), batch=7, calls=2)
-    assert fused_calls
+    assert len(fused_calls) == 2
+    assert sum(start > 0 for start in later_chunks) >= 2 + 6, "both fused layers should have seen several chunks"
 
 
 def test_fused_sequence_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
