@@ -194,17 +194,19 @@ def test_fused_input_gradient_is_autograds(kind: str, fused_calls: list[int]) ->
     torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-15)
 
 
-def test_fused_batch_chunks_are_exact(monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
-    """Several batch chunks per layer under both fused methods. Elements per sample: im2col + GEMM
-    19·(6 + 36·2) = 1482 and 55·(5 + 36) = 2255 (one sample per chunk); grouped convolution 19·6 + 4·36 = 258
-    and 55·5 + 6·36 = 491 (two and one)."""
+@pytest.mark.parametrize(("case", "elements"), [("conv2d_groups2_dilation2", 600), ("conv1d_stride2_dilation2_nobias", 100)])
+def test_fused_batch_chunks_are_exact(case: str, elements: int, monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]) -> None:
+    """Several batch chunks per layer under both fused methods, with and without a bias. Elements per sample,
+    im2col + GEMM and grouped convolution: 19·(6 + 36·2) = 1482, 55·(5 + 36) = 2255 and 19·6 + 4·36 = 258,
+    55·5 + 6·36 = 491 in the first case (chunks of 600: one, one, two and one sample); 9·(4 + 6) = 90,
+    12·(5 + 3) = 96 and 9·4 + 3·11 = 69, 12·5 + 4·6 = 84 in the second (chunks of 100: one sample each)."""
     from gradiv_lib.norms.engine import _FusedReport
 
     later_chunks: list[int] = []
     original = _FusedReport.__call__
-    monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 600)
+    monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", elements)
     monkeypatch.setattr(_FusedReport, "__call__", lambda report, grads, start: later_chunks.append(start) or original(report, grads, start))
-    check_measured_calls(*_conv_model("conv2d_groups2_dilation2"), batch=7, calls=2)
+    check_measured_calls(*_conv_model(case), batch=7, calls=2)
     assert len(fused_calls) == 2
     assert sum(start > 0 for start in later_chunks) >= 2 + 6, "both fused layers should have seen several chunks"
 
@@ -249,11 +251,16 @@ def test_a_convolution_called_twice_sums_per_sample_gradients_over_its_uses() ->
         assert of_sum == pytest.approx(expected_sum, rel=TOL)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_fused_first_use_of_a_layer_used_twice_hands_over_its_per_sample_gradients(bias: bool, fused_calls: list[int]) -> None:
+def test_a_fused_first_use_of_a_layer_used_twice_hands_over_its_per_sample_gradients(
+    bias: bool, chunked: bool, monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]
+) -> None:
     """Checked and fused with one use; then (same input signature) a forward pass that uses it twice: the
     fused first use must give its per-sample gradients (weight, and bias when the layer has one), to be
-    summed with the second use's."""
+    summed with the second use's; ``chunked``: formed in batch chunks (concatenated for the hand-over)."""
+    if chunked:  # im2col + GEMM: 10·(3 + 8) = 110 elements per sample, grouped: 10·3 + 24 = 54: 1-2 per chunk
+        monkeypatch.setattr(fused, "_CACHE_CHUNK_ELEMENTS", 120)
     torch.manual_seed(1)
     model = maybe_twice_conv(bias).double()
     x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 2, (5,))
@@ -487,3 +494,110 @@ def test_a_fused_sequence_linear_layer_then_used_twice_hands_over_its_per_sample
     fused_calls.clear()
     check_measured_calls(model, (3, 4), calls=1)  # same input signature: no new check, the first use is fused
     assert fused_calls
+
+
+def test_the_timed_decision_runs_each_paths_real_work_and_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decide() with a scripted clock: every candidate it times does its path's real work (the hooks'
+    norms and autograd's weight and bias gradients; each fused method's summed per-sample gradients),
+    the faster fused method is weighed against the hooks, and a tie keeps the hooks."""
+    from gradiv_lib.norms import rules
+
+    torch.manual_seed(9)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x, g = torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    per_sample = [torch.autograd.grad(conv(x[i : i + 1]), (conv.weight, conv.bias), g[i : i + 1]) for i in range(5)]
+    expected_norms = torch.stack([w.square().sum() + b.square().sum() for w, b in per_sample])
+    expected_weight, expected_bias = sum(w for w, _ in per_sample), sum(b for _, b in per_sample)
+    rules._conv_sq_norms(conv, x, g, "auto")  # the checked call's rule: chooses the hooks' norm method
+    ran: dict[str, object] = {}
+    timings: dict[str, float] = {}
+
+    def scripted(candidates, device, rounds):
+        ran.update({name: run() for name, run in candidates.items()})
+        return dict(timings), dict(ran)
+
+    formed: list[str] = []
+    for name in ("per_sample_weight_grads", "_grouped_conv_grads"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *args, _name=name, _original=original, **kwargs: formed.append(_name) or _original(*args, **kwargs))
+    monkeypatch.setattr(fused, "time_interleaved", scripted)
+    cases = [
+        ({"hooks": 3.0, "gemm": 2.0, "grouped_conv": 1.0}, "grouped_conv"),
+        ({"hooks": 3.0, "gemm": 1.0, "grouped_conv": 2.0}, "gemm"),
+        ({"hooks": 1.0, "gemm": 1.0, "grouped_conv": 2.0}, False),  # a tie keeps autograd's own gradient
+        ({"hooks": 0.5, "gemm": 1.0, "grouped_conv": 2.0}, False),
+    ]
+    for scripted_timings, decision in cases:
+        timings.clear(), timings.update(scripted_timings), ran.clear(), formed.clear()
+        fused._decisions.pop(conv, None)
+        fused.decide(conv, x, g, "auto")
+        assert list(fused.fused_decision(conv).values()) == [decision]
+        assert set(ran) == {"hooks", "gemm", "grouped_conv"}
+        assert sorted(formed) == ["_grouped_conv_grads", "per_sample_weight_grads"]  # each method its own way
+        norms, (grad_input, weight, bias) = ran["hooks"]
+        assert grad_input is None  # the hooks path is timed on the work fusing replaces, not the input gradient
+        torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=0.0)
+        for got_weight, got_bias in (ran["gemm"], ran["grouped_conv"], (weight, bias)):
+            torch.testing.assert_close(got_weight, expected_weight, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got_bias, expected_bias, rtol=1e-10, atol=1e-12)
+
+
+def test_a_batch_size_never_timed_is_left_to_the_hooks(fused_calls: list[int]) -> None:
+    """Fusing follows the timing of each shape: after the checked calls at B = 6, a batch of 4 (same input
+    signature, so no new check) is not fused, and is still exact."""
+    model, shape = _conv_model("conv1d")
+    meter = DiversityMeter(model)
+    for batch in (6, 6, 4):
+        x, y = torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 3, (batch,))
+        fused_calls.clear()
+        sq_norms, _ = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), reference(model, x, y)[0], rtol=TOL, atol=0.0)
+    assert not fused_calls
+    assert all(key[0][0] == 6 for key in fused.fused_decision(model[0]))
+
+
+def test_the_timed_decision_of_a_sequence_linear_layer_runs_the_real_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a Linear layer on sequences: its only fused method, and the hooks' norms with autograd's
+    weight and bias gradients."""
+    torch.manual_seed(10)
+    layer = nn.Linear(4, 3).double()
+    x, g = torch.randn(5, 6, 4, dtype=torch.float64), torch.randn(5, 6, 3, dtype=torch.float64)
+    per_sample = [torch.autograd.grad(layer(x[i]), (layer.weight, layer.bias), g[i]) for i in range(5)]
+    expected_norms = torch.stack([w.square().sum() + b.square().sum() for w, b in per_sample])
+    expected_weight, expected_bias = sum(w for w, _ in per_sample), sum(b for _, b in per_sample)
+    ran: dict[str, object] = {}
+
+    def scripted(candidates, device, rounds):
+        ran.update({name: run() for name, run in candidates.items()})
+        return {"hooks": 2.0, "gemm": 1.0}, dict(ran)
+
+    monkeypatch.setattr(fused, "time_interleaved", scripted)
+    fused.decide(layer, x, g, "auto")
+    assert set(ran) == {"hooks", "gemm"} and list(fused.fused_decision(layer).values()) == ["gemm"]
+    norms, weight, bias = ran["hooks"]
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=0.0)
+    for got_weight, got_bias in (ran["gemm"], (weight, bias)):
+        torch.testing.assert_close(got_weight, expected_weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_bias, expected_bias, rtol=1e-10, atol=1e-12)
+
+
+def test_a_users_hook_on_a_layer_output_keeps_firing_so_that_layer_is_not_fused(fused_calls: list[int]) -> None:
+    """A tensor hook the user puts on a convolution's output (from a forward hook registered before the
+    meter's) must see every backward pass; fusing replaces that output, so such a layer keeps autograd's
+    path, exactly, while the other convolution is fused."""
+    model, shape = _conv_model("conv2d_1x1")
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected, _ = reference(model, x, y)
+    seen: list[Tensor] = []
+
+    def watch(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if output.requires_grad:  # not in the meter's probe, which runs without autograd
+            output.register_hook(seen.append)
+
+    model[0].register_forward_hook(watch)
+    meter = DiversityMeter(model)
+    for calls in range(1, 4):
+        sq_norms, _ = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert len(seen) == calls
+    assert len(fused_calls) == 2  # the second convolution, on the two unchecked calls
