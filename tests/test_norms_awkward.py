@@ -168,9 +168,19 @@ def test_transformer_encoder() -> None:
 # --- loud ----------------------------------------------------------------------------------------------
 
 
-def test_embedding_reused_as_output_head_by_matmul_is_refused() -> None:
+@pytest.mark.parametrize("entry", ["function", "meter"])
+def test_embedding_reused_as_output_head_by_matmul_is_refused(entry: str) -> None:
+    """Both entry points: the function (gradients read by parameter hooks) and the meter (gradients read
+    from .grad when the backward pass ends, where the check compares against a copy of .grad)."""
+    model, x, y = MatmulTiedLM().double(), torch.randint(0, 7, (B, 5)), classes(7)
     with pytest.raises(ValueError, match=r"parameter 'embed\.weight' received a gradient that the per-sample hooks do not explain.*x @ embed\.weight\.T"):
-        per_sample_sq_norms(MatmulTiedLM().double(), nn.CrossEntropyLoss(), torch.randint(0, 7, (B, 5)), classes(7))
+        if entry == "function":
+            per_sample_sq_norms(model, nn.CrossEntropyLoss(), x, y)
+        else:
+            model.zero_grad(set_to_none=True)
+            with DiversityMeter(model) as meter:
+                nn.functional.cross_entropy(model(x), y).backward()
+            meter.result
 
 
 class AttentionWeightReused(nn.Module):
@@ -599,3 +609,44 @@ def test_a_model_called_with_keyword_arguments_and_changing_lengths() -> None:
         with meter:
             F.cross_entropy(model(x, mask=mask), y).backward()
         assert_norms_close(meter.sq_norms, torch.stack(expected), 1e-9)
+
+
+class TwiceAndOutside(nn.Module):
+    """A Linear layer called twice (its per-sample gradients are materialised and summed over the uses)
+    whose weight is also used once more outside it, through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.layer(torch.tanh(self.layer(x))))
+        return self.head(h + 0.5 * F.linear(x, self.layer.weight))
+
+
+def test_a_layer_used_twice_and_outside_its_module_is_refused() -> None:
+    """The gradient-sum check covers materialised (used-twice) layers too: the implied Σ_i g_i must be the
+    sum of the summed per-sample gradients, so the unseen third use is named."""
+    model, x = TwiceAndOutside().double(), torch.randn(B, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"parameter 'layer\.weight' received a gradient that the per-sample hooks do not explain"):
+        per_sample_sq_norms(model, nn.CrossEntropyLoss(), x, classes())
+
+
+class SameModuleTwoNames(nn.Module):
+    """One Linear module registered under two names at two depths (``first`` and ``block.0``; an alias
+    at the same depth is deduplicated by ``named_children`` already), called once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.block = nn.Sequential(self.first)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.first(x)))
+
+
+def test_a_module_registered_under_two_names_is_measured_once() -> None:
+    """The plan visits each module once: a second _Layer for the alias would record every call twice (its
+    per-sample gradient counted twice, the squared norm four times)."""
+    check(SameModuleTwoNames().double(), torch.randn(B, 3, dtype=torch.float64), classes())

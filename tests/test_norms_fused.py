@@ -601,3 +601,25 @@ def test_a_users_hook_on_a_layer_output_keeps_firing_so_that_layer_is_not_fused(
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
         assert len(seen) == calls
     assert len(fused_calls) == 2  # the second convolution, on the two unchecked calls
+
+
+@pytest.mark.parametrize("options", [{"check": "every_call"}, {"exact_grad": True}])
+def test_a_meter_that_checks_every_call_or_keeps_autograds_gradient_never_fuses(options: dict, fused_calls: list[int]) -> None:
+    """Fusing is decided per layer and shape, but a meter that runs the gradient-sum check on every call
+    (which the fused path would bypass) or that promises autograd's own gradient must not use it, even
+    once another meter on the same model has decided to fuse."""
+    model, shape = _conv_model("conv1d")
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fusing = DiversityMeter(model)
+    for _ in range(2):
+        step(fusing, model, x, y)
+    assert fused_calls, "the default meter fuses these layers"
+    fused_calls.clear()
+    meter = DiversityMeter(model, **options)
+    expected, _ = reference(model, x, y)
+    expected_grads = autograd_grads(model, x, y)
+    for _ in range(2):
+        sq_norms, _ = step(meter, model, x, y)
+        torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected_grads))
+    assert not fused_calls
