@@ -650,3 +650,50 @@ def test_a_module_registered_under_two_names_is_measured_once() -> None:
     """The plan visits each module once: a second _Layer for the alias would record every call twice (its
     per-sample gradient counted twice, the squared norm four times)."""
     check(SameModuleTwoNames().double(), torch.randn(B, 3, dtype=torch.float64), classes())
+
+
+class SmallOutsideUse(nn.Module):
+    """A Linear weight used once more outside its module, with a small weight: the unexplained part of its
+    gradient is about 1e-3 of the gradient, far above float64 rounding and below half precision's 5e-2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.layer(x)) + 1e-3 * F.linear(x, self.layer.weight))
+
+
+def test_a_small_unseen_use_is_refused_at_the_float64_tolerance() -> None:
+    """The gradient-sum check's tolerance follows the dtype (1e-7 in float64), so a 1e-3 unexplained part is
+    named; the loose half-precision tolerance would let it through."""
+    model, x = SmallOutsideUse().double(), torch.randn(B, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"parameter 'layer\.weight' received a gradient .* \(tolerance 1e-07"):
+        per_sample_sq_norms(model, nn.CrossEntropyLoss(), x, classes())
+
+
+class CalledTwice(nn.Module):
+    """A layer without a rule (so the torch.func fallback measures it) called twice: its per-sample
+    gradients are summed over both calls before squaring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class FallbackTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.shared, self.head = nn.Linear(3, 4), CalledTwice(), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(self.first(x))))))
+
+
+def test_a_fallback_layer_called_twice_sums_its_per_sample_gradients() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one-time notice
+        check(FallbackTwice().double(), torch.randn(B, 3, dtype=torch.float64), classes())
