@@ -344,3 +344,20 @@ def test_the_squared_norm_of_a_long_float32_gradient_is_summed_accurately() -> N
     half = (grad[:10] * 30000).half()  # squares above float16's range: computed in float32
     assert math.isfinite(float(_squared_norm(half)))
     assert float(_squared_norm(half)) == pytest.approx(float(half.double().square().sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_squared_norms_of_a_mixed_set_of_gradients(multi_tensor: bool) -> None:
+    """Both ways of reading ‖g‖² at the end of the backward pass (BLAS dots on the CPU; one multi-tensor
+    kernel elsewhere, run here on CPU tensors) give every gradient's squared norm: float32, float64, float16
+    and an uncoalesced sparse gradient with a repeated row."""
+    from gradiv_lib.norms.engine import _squared_norms
+
+    generator = torch.Generator().manual_seed(11)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[1, 1, 3]]), torch.randn(3, 2, generator=generator), (5, 2), check_invariants=True)
+    grads = [torch.randn(7, 3, generator=generator), torch.randn(4, dtype=torch.float64, generator=generator),
+             (torch.randn(6, generator=generator) * 300).half(), sparse]
+    got = _squared_norms(grads, multi_tensor=multi_tensor)
+    assert len(got) == len(grads)
+    expected = sorted(float(g.to_dense().double().square().sum()) for g in grads)
+    assert sorted(float(n) for n in got) == pytest.approx(expected, rel=1e-5)
