@@ -232,8 +232,10 @@ def _squared_norms(grads: list[Tensor], multi_tensor: bool) -> list[Tensor]:
         return [_squared_norm(g) for g in grads]
     dense = [g for g in grads if not g.is_sparse and g.dtype in (torch.float32, torch.float64)]
     others = [_squared_norm(g) for g in grads if g.is_sparse or g.dtype not in (torch.float32, torch.float64)]
-    norms = torch._foreach_norm(dense) if dense else []
-    return list(torch._foreach_mul(norms, norms)) + others if dense else others
+    if not dense:
+        return others
+    norms = torch._foreach_norm(dense)
+    return [*torch._foreach_mul(norms, norms), *others]
 
 
 def _squared_norm(grad: Tensor) -> Tensor:
@@ -915,27 +917,26 @@ class PerSampleNormEngine:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""
         self._check_complete()
         seen = (len(self._sq_norm_parts), len(self._factor_parts), len(self._per_sample_grads))
-        if self._sq_norms_cache is not None and self._sq_norms_cache[0] == seen:
-            return self._sq_norms_cache[1]  # read twice per step (sq_norms and result)
+        if self._sq_norms_cache is None or self._sq_norms_cache[0] != seen:  # read twice per step (sq_norms and result)
+            self._sq_norms_cache = seen, self._sum_over_layers()
+        return self._sq_norms_cache[1]
+
+    def _sum_over_layers(self) -> Tensor:
+        """Σ over layers of the per-sample squared norms recorded in this measurement, shape ``[B]``."""
         matrix = self._factor_matrix()
         if matrix is not None and len(self._factor_parts) == len(self._sq_norm_parts) and not self._per_sample_grads:
-            # every layer gave factors (an MLP): its rows, in hook order, are already stacked
-            total = matrix.sum(0)
-            self._sq_norms_cache = seen, total
-            return total
+            return matrix.sum(0)  # every layer gave factors (an MLP): its rows, in hook order, are already stacked
         rows = self._combined_factor_rows(matrix)
         # every layer in the order its hook ran, as on a first (checked) call: the same float sum
         parts = [rows[part] if isinstance(part, int) else part for part in self._sq_norm_parts]
         parts += [g.reshape(g.shape[0], -1).square().sum(1) for g in self._per_sample_grads.values()]
         if len(parts) == 1:
-            total = parts[0]
-        elif all(part.dtype == parts[0].dtype for part in parts):
-            total = torch.stack(parts).sum(0)  # one reduction for all layers
-        else:
-            total = parts[0]
-            for part in parts[1:]:
-                total = total + part
-        self._sq_norms_cache = seen, total
+            return parts[0]
+        if all(part.dtype == parts[0].dtype for part in parts):
+            return torch.stack(parts).sum(0)  # one reduction for all layers
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
         return total
 
     def _combined_factor_rows(self, matrix: Tensor | None) -> list[Tensor]:

@@ -41,14 +41,15 @@ from torch.autograd.function import once_differentiable
 
 from gradiv_lib.norms.fastest import time_interleaved
 from gradiv_lib.norms.rules import (
-    _CACHE_CHUNK_ELEMENTS, _conv_factors_with_ones, _conv_plans, _conv_weight_grads_by_grouped_conv, _linear_sq_norms, _sq_sum_rows,
+    _CACHE_CHUNK_ELEMENTS, _conv_bias_grads, _conv_factors_with_ones, _conv_plans, _conv_weight_grads_by_grouped_conv, _linear_sq_norms,
+    _sq_sum_rows,
 )
 
 FUSABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
 
 
-_decisions: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], bool]] = weakref.WeakKeyDictionary()
+_decisions: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], str | bool]] = weakref.WeakKeyDictionary()
 """Per module and (input shape, output shape, dtype, device, strategy, bias): the fused method (a key of
 :data:`FUSED_METHODS`) where fusing was timed faster than autograd's weight gradient plus the hook rule's
 norms, else ``False`` (``decide``)."""
@@ -146,7 +147,7 @@ def _fused_wins(fused_seconds: float, hooks_seconds: float) -> bool:
     return fused_seconds < hooks_seconds
 
 
-def fused_decision(module: nn.Module) -> dict[tuple[Any, ...], bool]:
+def fused_decision(module: nn.Module) -> dict[tuple[Any, ...], str | bool]:
     """What :func:`decide` found for ``module``, per shape key (for tests and benchmarks)."""
     return dict(_decisions.get(module, {}))
 
@@ -202,7 +203,7 @@ def per_sample_parameter_grads(module: nn.Module, parts: list[PerSampleGrads], b
 def _grouped_conv_grads(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
     """Per-sample weight gradients by one grouped weight-gradient convolution, and the bias's Σ_t δ_t."""
     weight = _conv_weight_grads_by_grouped_conv(module, x, g)
-    return weight, (g.reshape(g.shape[0], g.shape[1], -1).sum(2) if bias else None)
+    return weight, (_conv_bias_grads(g) if bias else None)
 
 
 def summed_per_sample_grads(
@@ -221,9 +222,9 @@ def summed_per_sample_grads(
         per_sample = rows * (outputs + positions * groups)
         form = partial(per_sample_weight_grads, module, bias=bias)
     chunk = max(1, _CACHE_CHUNK_ELEMENTS // max(1, per_sample))
+    whole = chunk >= batch  # one chunk: no slicing
     summed: list[Tensor | None] | None = None
     for start in range(0, batch, chunk):
-        whole = chunk >= batch
         grads = form(x if whole else x[start : start + chunk], g if whole else g[start : start + chunk])
         report(grads, start)
         parts = [grads.sum(0)] if isinstance(grads, Tensor) else [t.sum(0) if t is not None else None for t in grads]

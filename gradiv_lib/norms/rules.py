@@ -283,6 +283,11 @@ def _sq_sum_rows(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square_()
 
 
+def _conv_bias_grads(g: Tensor) -> Tensor:
+    """Per-sample gradients of a convolution's bias, Σ over positions of δ: ``[B, C_out]``."""
+    return g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+
+
 def _conv_factors_with_ones(module: nn.Module, x: Tensor, g: Tensor, ones: bool) -> tuple[Tensor, Tensor]:
     """Unfolded input [B, G, d_g (+1), L] (one copy of the windows, plus a row of ones per group when
     ``ones``: the bias gradient then comes out of the same GEMM as the weight gradient) and the output
@@ -358,7 +363,7 @@ def _conv_sq_norms_grouped_conv(module: nn.Module, x: Tensor, g: Tensor, bias: b
     """Per-sample weight gradients by one grouped weight-gradient convolution (+ bias sums)."""
     total = _sq_sum_rows(_conv_weight_grads_by_grouped_conv(module, x, g))
     if bias:
-        total.add_(_sq_sum_rows(g.reshape(g.shape[0], g.shape[1], -1).sum(2)))
+        total.add_(_sq_sum_rows(_conv_bias_grads(g)))
     return total
 
 
@@ -447,7 +452,7 @@ def _conv_sq_norms(module: nn.Module, x: Tensor, g: Tensor, strategy: SequenceSt
     if _trainable(module.weight):
         return _conv_weight_sq_norms(module, x, g, strategy)  # includes the bias when it is trainable
     if _trainable(module.bias):
-        return _sq_sum_rows(g.reshape(g.shape[0], g.shape[1], -1).sum(2))
+        return _sq_sum_rows(_conv_bias_grads(g))
     return x.new_zeros(x.shape[0])
 
 
