@@ -283,6 +283,58 @@ def test_meter_warns_when_a_summed_cross_entropy_is_declared_a_mean() -> None:
         meter.result
 
 
+@pytest.mark.parametrize("weighting", ["class_weights", "ignore_index"])
+def test_meter_on_a_mean_that_is_not_over_samples_measures_the_terms_of_that_mean(weighting: str) -> None:
+    """The documented behaviour (meter.py): a class-weighted or ``ignore_index`` "mean" divides by Σ w_{y_j}
+    (or the targets kept), so the meter measures ℓ̃_i = B w_{y_i} ℓ_i / Σ_j w_{y_j}, not the unweighted ℓ_i,
+    and the function, which sees the loss, refuses it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 1, 0])
+    if weighting == "class_weights":
+        w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+        loss_fn, weights = nn.CrossEntropyLoss(weight=w), w[y]
+    else:
+        loss_fn, weights = nn.CrossEntropyLoss(ignore_index=2), (y != 2).double()
+    unweighted = reference_sq_norms(model, nn.CrossEntropyLoss(), x, y)
+    with DiversityMeter(model, loss_reduction="mean") as meter:
+        loss_fn(model(x), y).backward()
+    assert_norms_close(meter.sq_norms, (6 * weights / weights.sum()) ** 2 * unweighted, 1e-12)
+    assert float((meter.sq_norms - unweighted).abs().max()) > 0.1 * float(unweighted.max())  # not the unweighted ℓ_i
+    with pytest.raises(ValueError, match="neither the sum .* nor the mean"):
+        per_sample_sq_norms(model, loss_fn, x, y)
+
+
+class PackedGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lengths = torch.tensor([4, 3, 4, 2])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_a_packed_sequence_is_refused_with_the_padded_way_out() -> None:
+    x = torch.randn(B, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer 'rnn' \(GRU\) was called on a PackedSequence.*padded batch"):
+        per_sample_sq_norms(PackedGRU().double(), nn.CrossEntropyLoss(), x, classes())
+
+
+class SplitCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.cat([torch.tanh(self.layer(part)) for part in x.split(2)]))
+
+
+def test_a_layer_called_on_slices_of_the_batch_is_refused_with_the_way_out() -> None:
+    with pytest.raises(ValueError, match=r"layer 'layer' \(Linear\) received a tensor of shape \(2, 3\).*nor split over several calls"):
+        per_sample_sq_norms(SplitCalls().double(), nn.CrossEntropyLoss(), torch.randn(B, 3, dtype=torch.float64), classes())
+
+
 def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
     """Two samples with opposite gradients: ∇L is rounding noise, the per-sample norms are not."""
     model = nn.Linear(3, 1, bias=False)

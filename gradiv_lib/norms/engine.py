@@ -564,7 +564,9 @@ class PerSampleNormEngine:
             raise ValueError(
                 f"layer {layer.name} received a tensor of shape {tuple(tensor.shape)} with no axis of size "
                 f"{self._batch_size}, but the batch has {self._batch_size} samples; per-sample norms need every "
-                "layer to see the samples along one axis (the batch cannot be flattened into another axis)"
+                "layer call to see all samples along one axis: the batch cannot be flattened into another axis "
+                "(x.reshape(B * T, d): keep (B, T, d), Linear, LayerNorm and Embedding act on the last axes) "
+                "nor split over several calls (x.split(k): call the layer once on the whole batch)"
             )
 
     def _call_index(self, layer: _Layer) -> int:
@@ -612,6 +614,13 @@ class PerSampleNormEngine:
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
         if not indices:
             return
+        if any(isinstance(arg, nn.utils.rnn.PackedSequence) for arg in (*args, *kwargs.values())):  # a namedtuple: tree_flatten would open it
+            raise ValueError(
+                f"layer {layer.name} was called on a PackedSequence, which puts the time steps of all samples "
+                "on one axis, so its per-sample gradients cannot be separated. Call it on the padded batch "
+                "(B, T, ·) with batch_first=True instead; for a one-directional RNN, output[i, lengths[i] - 1] "
+                "is the packed run's last hidden state of sample i (padding after it does not change it)"
+            )
         for index in indices:
             self._check_batch(layer, leaves[index])
         call = self._call_index(layer)

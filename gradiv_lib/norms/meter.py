@@ -31,6 +31,14 @@ weights above 1 can trigger it too, hence a warning, not an error). A ``"sum"`` 
 loss, other losses, and sequence outputs cannot be told apart; :func:`~gradiv_lib.norms.per_sample_sq_norms`
 sees the loss function and detects the reduction itself. The check runs on the first measurement
 of a meter (the reduction is a property of the loss, not of the batch), so later steps pay nothing.
+
+**Losses whose "mean" is not a mean over samples.** A class-weighted cross-entropy
+(``weight=w``) divides by :math:`\\sum_j w_{y_j}`, and ``ignore_index`` by the number of targets
+kept, not by :math:`B`. The hooks cannot see that. With ``loss_reduction="mean"`` the meter then
+measures the per-sample terms whose mean is the loss,
+:math:`\\tilde\\ell_i = B\\, w_{y_i} \\ell_i / \\sum_j w_{y_j}` (zero for an ignored target), not the
+unweighted :math:`\\ell_i`. :func:`~gradiv_lib.norms.per_sample_sq_norms` refuses such a loss
+because it is neither a sum nor a mean of ``loss_fn`` on single samples.
 """
 
 from __future__ import annotations

@@ -227,7 +227,9 @@ def train(
         ``optimizer -> scheduler`` gives any torch scheduler (state is checkpointed).
     loss_fn : callable, optional
         ``(outputs, targets) -> scalar`` with mean or sum reduction; default cross-entropy for integer
-        labels, mean squared error otherwise.
+        labels, mean squared error otherwise. A class-weighted (or ``ignore_index``) cross-entropy
+        divides by :math:`\\sum_j w_{y_j}`, not the batch size: Δ then measures the terms
+        :math:`B w_{y_i}\\ell_i/\\sum_j w_{y_j}` whose mean is that loss (:mod:`gradiv_lib.norms.meter`).
     test_data : InMemoryData or (x, y), optional
         Evaluated at the end of every epoch.
     target_accuracy : float, optional
