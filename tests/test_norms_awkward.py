@@ -304,6 +304,62 @@ def test_meter_on_a_mean_that_is_not_over_samples_measures_the_terms_of_that_mea
         per_sample_sq_norms(model, loss_fn, x, y)
 
 
+class CellLoop(nn.Module):
+    """An LSTMCell stepped over time: on the CPU its h = o·tanh(c) is computed from its other output c."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = c = torch.zeros(x.shape[0], 5, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+class DependentOutputs(nn.Module):
+    """A layer (no rule: the torch.func fallback) whose second output is computed from its first."""
+
+    def __init__(self, same: bool) -> None:
+        super().__init__()
+        self.weight, self.same = nn.Parameter(torch.randn(3, 5)), same
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a = torch.tanh(x @ self.weight)
+        return (a, a) if self.same else (a, a * a)
+
+
+class UsesBothOutputs(nn.Module):
+    def __init__(self, same: bool) -> None:
+        super().__init__()
+        self.layer, self.head = DependentOutputs(same), nn.Linear(10, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.cat(self.layer(x), 1))
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+@pytest.mark.parametrize("case", ["lstm_cell_loop", "second_from_first", "same_tensor_twice"])
+def test_a_layer_whose_outputs_depend_on_each_other(case: str, check_mode: str) -> None:
+    """The gradient reaching an output used inside the layer too includes the inner path; measured on
+    copies of the outputs, each gets the outside uses' gradient only (once refused, or silently wrong
+    with check='off')."""
+    if case == "lstm_cell_loop":
+        model, x = CellLoop().double(), torch.randn(B, 3, 3, dtype=torch.float64)
+    else:
+        model, x = UsesBothOutputs(case == "same_tensor_twice").double(), torch.randn(B, 3, dtype=torch.float64)
+    y, loss_fn = classes(), nn.CrossEntropyLoss()
+    expected = reference_sq_norms(model, loss_fn, x, y, loop=case == "lstm_cell_loop")
+    assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check=check_mode), expected, 1e-10)
+    meter = DiversityMeter(model, check=check_mode)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            loss_fn(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+
+
 class PackedGRU(nn.Module):
     def __init__(self) -> None:
         super().__init__()

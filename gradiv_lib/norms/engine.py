@@ -44,7 +44,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from gradiv_lib.norms import batch_axes, fused, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
@@ -604,16 +604,16 @@ class PerSampleNormEngine:
         entry = self._layout_entry(layer, self._root, index)
         return entry is not None and entry[0][0] == 0 and entry[1][0] == 0
 
-    def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if self._probe_run is not None:
             self._probe_record(layer, tree_flatten((args, kwargs))[0], tree_flatten(output)[0])
-            return
+            return None
         if not self._recording():
-            return
-        leaves, _ = tree_flatten(output)
+            return None
+        leaves, spec = tree_flatten(output)
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
         if not indices:
-            return
+            return None
         if any(isinstance(arg, nn.utils.rnn.PackedSequence) for arg in (*args, *kwargs.values())):  # a namedtuple: tree_flatten would open it
             raise ValueError(
                 f"layer {layer.name} was called on a PackedSequence, which puts the time steps of all samples "
@@ -628,7 +628,17 @@ class PerSampleNormEngine:
             warn_fallback_once(module, layer.path)
         saved = _SavedOnce(tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)))
         hook = partial(self._on_fallback_output_grads, layer, self._root, call, saved, indices, len(leaves))
+        replaced = None
+        if len(indices) > 1:
+            # one output may be computed from another inside the layer (LSTMCell: h = o·tanh(c)); the gradient
+            # reaching c would then include the path through h, which the recomputation ⟨f(x_i; θ), δ_i⟩
+            # differentiates again. Fresh copies handed to the caller receive the outside uses' gradients only.
+            leaves = list(leaves)
+            for i in indices:
+                leaves[i] = leaves[i].clone()
+            replaced = tree_unflatten(leaves, spec)
         torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in indices], hook, mode="all")
+        return replaced
 
     # --- batch axes --------------------------------------------------------------------------------
 
