@@ -379,9 +379,10 @@ class AdaBatch(BatchSchedule):
 # --------------------------------------------------------------------------------------------
 
 
-def _flat(grad: Sequence[Tensor | None] | Tensor) -> Tensor:
+def _grad_tensors(grad: Sequence[Tensor | None] | Tensor) -> list[Tensor]:
+    """The batch gradient as a list of detached tensors (None entries refused with the way out)."""
     if isinstance(grad, Tensor):
-        return grad.detach().reshape(-1)
+        return [grad.detach()]
     if isinstance(grad, (str, bytes)) or not isinstance(grad, Sequence) or not grad:
         raise TypeError("grad must be a tensor or a non-empty sequence of tensors such as [p.grad for p in params]")
     if any(g is None for g in grad):
@@ -389,7 +390,11 @@ def _flat(grad: Sequence[Tensor | None] | Tensor) -> Tensor:
             "grad holds None entries (parameters that got no gradient); pass zeros for them, e.g. "
             "[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]"
         )
-    return torch.cat([g.detach().reshape(-1) for g in grad])
+    return [g.detach() for g in grad]
+
+
+def _flat(grad: Sequence[Tensor | None] | Tensor) -> Tensor:
+    return torch.cat([g.reshape(-1) for g in _grad_tensors(grad)])
 
 
 #: DiveBatch's batch-size rules (see :class:`DiveBatch`).
@@ -518,7 +523,9 @@ class DiveBatch(BatchSchedule):
                 f"DiveBatch measures in epoch {self.epoch}: observe() needs grad= (the batch gradient) and "
                 "sq_norms= (per-sample squared norms, e.g. DiversityMeter(model).sq_norms)"
             )
-        self._accumulator.update(sq_norms, _flat(grad), n, grad_reduction=grad_reduction)
+        # per parameter into the accumulator's flat buffer (no concatenated copy per step) and without a
+        # host synchronisation: a non-finite batch makes end_epoch raise (EpochDiversityAccumulator.update)
+        self._accumulator.update(sq_norms, _grad_tensors(grad), n, grad_reduction=grad_reduction, validate=False)
 
     @property
     def last_measurement(self) -> DiversityResult | None:

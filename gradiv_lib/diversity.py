@@ -512,5 +512,11 @@ class EpochDiversityAccumulator:
         sum_sq_norms = self._sum_sq_norms
         if self._unchecked_sq_norms is not None:  # batches added with validate=False are checked here
             sum_sq_norms += float(self._unchecked_sq_norms)
+            if not math.isfinite(sum_sq_norms):
+                raise ValueError(
+                    f"the per-sample squared norms added since the last reset() sum to {sum_sq_norms}: a batch "
+                    "added with validate=False had an inf or nan loss or gradient (update(..., validate=True) "
+                    "names the batch)"
+                )
         # DiversityResult refuses a non-finite or negative sum and a non-finite ‖S‖² (inf or nan gradients)
         return DiversityResult(sum_sq_norms, float(self._grad_sum.square().sum()), self.n)

@@ -201,6 +201,23 @@ def test_nonfinite_loss(blobs):
     assert h.diverged and len(h) == 1
 
 
+@pytest.mark.parametrize("measure", [False, True])
+@pytest.mark.parametrize("schedule", ["fixed", "divebatch", "noise_scale"])
+def test_a_nonfinite_step_in_a_measured_epoch_follows_on_nonfinite(schedule: str, measure: bool) -> None:
+    """An inf input makes one step's loss nan in epoch 0. Whether the loop (measure_diversity) or the
+    schedule measures that epoch, on_nonfinite decides: "raise" names the epoch, "stop" records the
+    divergence (the measurements once refused the nan themselves, with a ValueError either way)."""
+    x, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    x[7, 2] = math.inf
+    schedules = {"fixed": lambda: 8, "divebatch": lambda: DiveBatch(8, 48, resize_every=1),
+                 "noise_scale": lambda: NoiseScaleBatch(8, 48, window=2)}
+    with pytest.raises(FloatingPointError, match=r"non-finite \(nan\) in epoch 0"):
+        train(net(), (x, y), schedule=schedules[schedule](), epochs=2, lr=0.1, measure_diversity=measure, progress=False)
+    h = train(net(), (x, y), schedule=schedules[schedule](), epochs=2, lr=0.1, measure_diversity=measure,
+              on_nonfinite="stop", progress=False)
+    assert h.diverged and len(h) == 1 and math.isnan(h.train_loss[0]) and math.isnan(h.diversity[0])
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(schedule=500), ValueError, r"batch_size must be in \[1, N = 200\], got 500"),
     (dict(schedule=DiveBatch(8, 400)), ValueError, r"max_batch_size must be in \[1, N = 200\], got 400"),

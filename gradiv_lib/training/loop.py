@@ -409,7 +409,9 @@ def train(
                 schedule.begin_epoch(epoch)
                 batch_size = schedule.batch_size
                 measure = measure_diversity or schedule.needs_diversity
-                want_grad = measure or schedule.needs_grad
+                schedule_observes = schedule.needs_grad  # (needs_diversity implies needs_grad)
+                want_grad = measure or schedule_observes
+                nonfinite_step = False  # a step with an inf/nan loss: the schedule sees no later step this epoch
                 # the schedule's own epoch estimate is recorded when it has one; otherwise the loop accumulates
                 schedule_measures = schedule.needs_diversity and hasattr(schedule, "measurements")
                 accumulator = EpochDiversityAccumulator() if measure and not schedule_measures else None
@@ -478,7 +480,13 @@ def train(
                         if accumulator is not None:
                             # no per-step host synchronisation: checked once, when the epoch's result is read
                             accumulator.update(sq_norms, grads, n, grad_reduction=reduction, validate=False)
-                    schedule.observe(n=n, grad=grads, sq_norms=sq_norms, grad_reduction=reduction)
+                    if schedule_observes and not nonfinite_step:
+                        # one scalar read per step, in the epochs where the schedule measures only: a diverged
+                        # step's gradient is not handed to it, so on_nonfinite decides what happens at the
+                        # epoch's end instead of the schedule's own refusal of a non-finite value
+                        nonfinite_step = not bool(torch.isfinite(loss.detach()))
+                    if not nonfinite_step:
+                        schedule.observe(n=n, grad=grads, sq_norms=sq_norms, grad_reduction=reduction)
                     opt.step()
                     loss_sum += loss.detach().double() * (n if reduction == "mean" else 1)
                     if classify:
@@ -499,8 +507,11 @@ def train(
                 if parallel is not None:  # the global count of correct predictions; process 0's buffers everywhere
                     correct = parallel.end_epoch(model, correct)
                 train_accuracy = int(correct) / samples if classify else math.nan
-                result: DiversityResult | None = accumulator.result if accumulator is not None and accumulator.n else None
-                diverged = not math.isfinite(train_loss)
+                diverged = not math.isfinite(train_loss)  # (a non-finite step's loss is in the sum)
+                # a diverged epoch has no diversity (its sums are not finite): on_nonfinite decides what follows
+                result: DiversityResult | None = (
+                    accumulator.result if accumulator is not None and accumulator.n and not diverged else None
+                )
                 if diverged and on_nonfinite == "raise":
                     raise FloatingPointError(
                         f"the training loss became non-finite ({train_loss}) in epoch {epoch} (batch size {batch_size}, "
