@@ -129,6 +129,20 @@ def test_min_norm_validation():
         fed.min_norm_solve(np.eye(2), method="away", init=[0.7, 0.7])
 
 
+def test_min_norm_refuses_a_matrix_that_is_not_a_gram_matrix():
+    """λᵀGλ over the simplex is convex only for a positive semi-definite G, and only then does the solvers'
+    stop certify f(λ) - f* ≤ 2·gap; a non-Gram matrix was accepted without a word. A float32 Gram of equal
+    vectors is accepted."""
+    with pytest.raises(ValueError, match=r"not positive semi-definite\): \|G\[0, 1\]\| = 2 exceeds sqrt\(G\[0, 0\] G\[1, 1\]\) = 1"):
+        fed.min_norm_solve(np.array([[1.0, 2.0], [2.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"G\[1, 1\] = -1 < 0"):
+        fed.min_norm_solve(np.array([[1.0, 0.0], [0.0, -1.0]]))
+    v = torch.randn(1, 10_000)
+    equal = v.repeat(3, 1)  # float32: |G_ij| exceeds √(G_ii G_jj) by rounding
+    lam, _ = fed.min_norm_solve(equal @ equal.T)
+    assert lam.sum() == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------ servers
 
 

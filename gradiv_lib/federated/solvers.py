@@ -69,6 +69,25 @@ def _official(G: np.ndarray, max_iter: int, stop: float) -> tuple[np.ndarray, di
     return lam, {"iterations": it, "gap": max(float(lam @ G @ lam - (G @ lam).min()), 0.0), "objective": float(lam @ G @ lam)}
 
 
+def _check_gram(G: np.ndarray) -> None:
+    """Two necessary conditions of a positive semi-definite (Gram) matrix, O(n²): a non-negative diagonal and
+    Cauchy–Schwarz, |G_ij| ≤ √(G_ii G_jj), to rounding. The solvers assume a convex objective: only then is
+    their stopping gap a certificate, f(λ) - f* ≤ 2·gap."""
+    diagonal = np.diag(G)
+    scale = max(float(np.abs(diagonal).max()), 1e-300)
+    if float(diagonal.min()) < -1e-12 * scale:
+        i = int(np.argmin(diagonal))
+        raise ValueError(f"gram is not a Gram matrix: G[{i}, {i}] = {diagonal[i]:.6g} < 0 (a squared norm); pass G = V Vᵀ of the vectors")
+    bound = np.sqrt(np.outer(np.maximum(diagonal, 0), np.maximum(diagonal, 0)))
+    excess = np.abs(G) - bound * (1 + 1e-6) - 1e-12 * scale  # 1e-6: a float32 Gram of equal vectors passes
+    if float(excess.max()) > 0:
+        i, j = np.unravel_index(int(np.argmax(excess)), G.shape)
+        raise ValueError(
+            f"gram is not a Gram matrix (not positive semi-definite): |G[{i}, {j}]| = {abs(G[i, j]):.6g} exceeds "
+            f"sqrt(G[{i}, {i}] G[{j}, {j}]) = {bound[i, j]:.6g}; pass G = V Vᵀ of the vectors"
+        )
+
+
 def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter: int | None = None,
                    tol: float | None = None,
                    init: np.ndarray | Tensor | None = None) -> tuple[np.ndarray, dict[str, float]]:
@@ -124,7 +143,8 @@ def min_norm_solve(gram: Tensor | np.ndarray, *, method: str = "wolfe", max_iter
     _check_real(tol, "tol", 0.0)
     if method not in MIN_NORM_METHODS:
         raise ValueError(f"method must be one of {MIN_NORM_METHODS}, got {method!r}")
-    G = 0.5 * (G + G.T)
+    G = 0.5 * (G + G.T)  # the same objective λᵀGλ
+    _check_gram(G)
     n = G.shape[0]
     if method == "wolfe":
         return _wolfe(G, max_iter, tol, init)
