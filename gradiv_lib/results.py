@@ -73,6 +73,12 @@ def check_out(root: str | Path | None) -> Path:
         raise OutputError(f"--out {path} {what}; give a folder (it is created if missing)")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"--out {path}: cannot write into {probe} (permission denied); give a writable folder")
+    try:  # the checks above cannot see everything (root ignores permissions, /proc, a read-only mount): try it
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OutputError(f"--out {path}: cannot write there ({error.strerror or error}); give a writable folder") from None
     return path
 
 

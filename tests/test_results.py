@@ -58,6 +58,16 @@ def test_output_folder_must_be_a_writable_folder(tmp_path):
             locked.chmod(0o700)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux procfs")
+def test_output_folder_that_cannot_be_created_is_refused_before_the_run(tmp_path):
+    """/proc takes no new folders, not even from root, which passes the permission check (CI runs as root):
+    a run must not find out after hours of work."""
+    with pytest.raises(results.OutputError, match=r"--out /proc/gradiv-out: cannot write there"):
+        results.check_out("/proc/gradiv-out")
+    created = results.check_out(tmp_path / "new" / "deeper")
+    assert created.is_dir() and not list(created.iterdir())  # created, and the write probe left nothing behind
+
+
 def test_save_is_atomic_on_failure(tmp_path):
     results.save("a", {"ok": 1}, config={}, seconds=0, root=tmp_path)
     with pytest.raises(TypeError):
