@@ -63,23 +63,29 @@ def check_out(root: str | Path | None) -> Path:
     Raises :class:`OutputError` when it, or the nearest existing folder above it, is a file or is not writable.
     """
     path = Path(root).expanduser() if root is not None else default_root()
+    check_writable_folder(path, "--out")
+    return path
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Create ``path`` if missing and make sure a file can be written there (``what`` names it in the
+    error), so that a long run does not find out at its first write; raises :class:`OutputError`."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        what = "is a file" if probe == path else f"is below the file {probe}"
-        raise OutputError(f"--out {path} {what}; give a folder (it is created if missing)")
+        where = "is a file" if probe == path else f"is below the file {probe}"
+        raise OutputError(f"{what} {path} {where}; give a folder (it is created if missing)")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {path}: cannot write into {probe} (permission denied); give a writable folder")
+        raise OutputError(f"{what} {path}: cannot write into {probe} (permission denied); give a writable folder")
     try:  # the checks above cannot see everything (root ignores permissions, /proc, a read-only mount): try it
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise OutputError(f"--out {path}: cannot write there ({error.strerror or error}); give a writable folder") from None
-    return path
+        raise OutputError(f"{what} {path}: cannot write there ({error.strerror or error}); give a writable folder") from None
 
 
 def machine_info(device: Any = None) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,6 +130,27 @@ def test_checkpoint_from_another_run_is_refused(blobs, tmp_path):
     train(net(), train_data, schedule=8, epochs=1, lr=0.1, checkpoint_path=path, progress=False)
     with pytest.raises(ValueError, match=r"different run \(epochs = 1 there, 2 here\)"):
         train(net(), train_data, schedule=8, epochs=2, lr=0.1, checkpoint_path=path, progress=False)
+
+
+def test_an_unusable_checkpoint_path_is_refused_before_training(blobs, tmp_path):
+    train_data, _ = blobs
+    epochs_run = []
+
+    def record(epoch, model, history):
+        epochs_run.append(epoch)
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(tmp_path, r"is a folder; give a file in it, e.g. .*run.pt"), (afile / "run.pt", r"folder .*afile is a file")]
+    if os.path.isdir("/proc/self"):  # a folder that cannot be created, even by root (CI)
+        cases.append((Path("/proc/gradiv-out/run.pt"), r"folder /proc/gradiv-out: cannot write there"))
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match):
+            train(net(), train_data, schedule=8, epochs=2, lr=0.1, checkpoint_path=path, on_epoch_end=record, progress=False)
+    assert epochs_run == []  # refused before the first epoch, not at its end
+    path = tmp_path / "new" / "run.pt"  # a missing folder is created
+    train(net(), train_data, schedule=8, epochs=1, lr=0.1, checkpoint_path=path, progress=False)
+    assert path.is_file()
 
 
 def test_target_accuracy_bookkeeping(blobs):

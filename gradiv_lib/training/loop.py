@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..batching import BatchSchedule, FixedBatch, Resize
+from ..results import check_writable_folder
 from ..results import save_checkpoint as write_checkpoint
 from ..data import InMemoryData
 from ..diversity import DiversityResult, EpochDiversityAccumulator
@@ -352,7 +353,11 @@ def train(
     history = History(schedule=schedule.name, target_accuracy=target_accuracy, target_on=target_on,
                       eval_every=eval_every)
     generator = torch.Generator().manual_seed(seed)
-    path = None if checkpoint_path is None else Path(checkpoint_path)
+    path = None if checkpoint_path is None else Path(checkpoint_path).expanduser()
+    if path is not None:  # checked now, not at the end of the first epoch
+        if path.is_dir():
+            raise ValueError(f"checkpoint_path {path} is a folder; give a file in it, e.g. {path / 'run.pt'}")
+        check_writable_folder(path.parent, "checkpoint_path's folder")  # an OutputError is a ValueError
     fork_devices = [device.index or 0] if device.type == "cuda" else []
 
     with torch.random.fork_rng(devices=fork_devices):
