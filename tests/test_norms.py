@@ -302,6 +302,19 @@ def test_frozen_parameters_are_excluded() -> None:
     check(model, nn.CrossEntropyLoss(), torch.randn(6, 4, dtype=torch.float64), classes(6, 2))
 
 
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.L1Loss(reduction="sum"), nn.SmoothL1Loss(), nn.HuberLoss()])
+def test_an_elementwise_loss_that_would_broadcast_outputs_against_targets_is_refused(loss_fn: nn.Module) -> None:
+    """A (B, 1) output and (B,) targets broadcast to (B, B): every output is compared with every target, so
+    the loss mixes the samples and every per-sample gradient is wrong; PyTorch only warns."""
+    model, x = nn.Linear(3, 1).double(), torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"got outputs of shape \(5, 1\) and targets of shape \(5,\).*y.view\(-1, 1\)"):
+        per_sample_sq_norms(model, loss_fn, x, torch.randn(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="would broadcast them"):
+        gradient_diversity(model, loss_fn, x, torch.randn(5, dtype=torch.float64))
+    y = torch.randn(5, 1, dtype=torch.float64)  # the same shape: measured, and equal to the definition
+    torch.testing.assert_close(per_sample_sq_norms(model, loss_fn, x, y), reference(model, loss_fn, x, y)[0])
+
+
 def test_model_without_trainable_parameters_is_refused() -> None:
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match=r"model \(Linear\) has no trainable parameters"):

@@ -153,6 +153,21 @@ def test_an_unusable_checkpoint_path_is_refused_before_training(blobs, tmp_path)
     assert path.is_file()
 
 
+def test_regression_targets_that_would_broadcast_are_refused_before_training():
+    """MSE (the default for float targets) on a (B, 1) output and (B,) targets compares every output with
+    every target: train() refused nothing and trained on the (B, B) loss, evaluate() reported it."""
+    x, y = torch.randn(40, 4), torch.randn(40)
+    epochs_run = []
+    with pytest.raises(ValueError, match=r"MSELoss got outputs of shape \(8, 1\) and targets of shape \(8,\)"):
+        train(nn.Linear(4, 1), (x, y), schedule=8, epochs=2, lr=0.1, progress=False,
+              on_epoch_end=lambda epoch, model, history: epochs_run.append(epoch))
+    assert epochs_run == []
+    with pytest.raises(ValueError, match=r"MSELoss got outputs of shape \(40, 1\) and targets of shape \(40,\)"):
+        evaluate(nn.Linear(4, 1), (x, y))
+    h = train(nn.Linear(4, 1), (x, y[:, None]), schedule=8, epochs=1, lr=0.1, measure_diversity=True, progress=False)
+    assert math.isfinite(h.train_loss[0]) and h.diversity[0] > 0
+
+
 def test_target_accuracy_bookkeeping(blobs):
     train_data, test_data = blobs
     h = train(net(), train_data, schedule=8, epochs=6, lr=0.1, test_data=test_data, target_accuracy=0.9,

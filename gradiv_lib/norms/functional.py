@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gradiv_lib.norms.engine import Check, PerSampleNormEngine
-from gradiv_lib.norms.loss_scale import LossFn, batch_loss_factor
+from gradiv_lib.norms.loss_scale import LossFn, batch_loss_factor, check_loss_shapes
 from gradiv_lib.norms.rules import SequenceStrategy
 
 
@@ -114,6 +114,7 @@ def per_sample_sq_norms_and_grad_sum(
     engine = PerSampleNormEngine(model, sequence_strategy=sequence_strategy, batch_size=batch_size, check=check)
     with engine, torch.enable_grad():
         outputs = model(inputs)
+        check_loss_shapes(loss_fn, outputs, targets)  # before the loss, which would only warn
         loss = loss_fn(outputs, targets)
         check_finite_loss(loss)
         factor = batch_loss_factor(loss_fn, outputs, targets, loss)

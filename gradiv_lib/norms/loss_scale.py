@@ -30,6 +30,25 @@ def _reduction_is_per_sample_uniform(loss_fn: nn.Module, targets: Tensor) -> boo
     return True
 
 
+ELEMENTWISE_LOSSES: tuple[type[nn.Module], ...] = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+"""``torch.nn`` losses that broadcast outputs against targets of another shape (with only a warning)."""
+
+
+def check_loss_shapes(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> None:
+    """Refuse an elementwise ``torch.nn`` loss (:data:`ELEMENTWISE_LOSSES`) on outputs and targets of
+    different shapes: ``MSELoss`` on a ``(B, 1)`` output and a ``(B,)`` target broadcasts them to
+    ``(B, B)``, so every sample's output is compared with every target, the loss mixes the samples and
+    its value, its gradient and every per-sample gradient are wrong (PyTorch only warns)."""
+    if isinstance(loss_fn, ELEMENTWISE_LOSSES) and isinstance(outputs, Tensor) and isinstance(targets, Tensor) \
+            and outputs.shape != targets.shape:
+        raise ValueError(
+            f"{type(loss_fn).__name__} got outputs of shape {tuple(outputs.shape)} and targets of shape "
+            f"{tuple(targets.shape)}; it would broadcast them against each other, comparing every sample's output "
+            "with other samples' targets. Give the targets the outputs' shape (e.g. y.view(-1, 1) for one output "
+            "per sample) or squeeze the outputs (out.squeeze(-1))"
+        )
+
+
 def per_sample_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     """:math:`\\ell_i` = ``loss_fn(outputs[i:i+1], targets[i:i+1])`` for every sample, shape ``[B]``.
 
@@ -60,6 +79,7 @@ def batch_loss_factor(loss_fn: LossFn, outputs: Tensor, targets: Tensor, loss: T
     ValueError
         If the loss is neither the sum nor the mean of the per-sample losses.
     """
+    check_loss_shapes(loss_fn, outputs, targets)
     batch_size = outputs.shape[0]
     if batch_size == 1:
         return 1.0

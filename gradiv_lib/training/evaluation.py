@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..data import InMemoryData
 from ..mapstyle import MapStyleData
+from ..norms.loss_scale import check_loss_shapes
 
 __all__ = ["evaluate"]
 
@@ -61,6 +62,7 @@ def evaluate(model: nn.Module, data: InMemoryData | tuple[Tensor, Tensor], loss_
         classify = _is_classification(data)
         for xb, yb in data.batches(min(batch_size, len(data)), shuffle=False):
             out = model(xb)
+            check_loss_shapes(loss_fn, out, yb)
             value = float(loss_fn(out, yb))
             total += value if getattr(loss_fn, "reduction", "mean") == "sum" else value * len(xb)
             if classify:
