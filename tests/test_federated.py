@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 
@@ -438,3 +439,11 @@ def test_one_client_federation_of_its_own_shard_draws_what_the_full_one_draws():
         assert not np.array_equal(full.shards[i][wrong.plan(0, 3)[0].clip(0)], ref_rows.clip(0))
     with pytest.raises(ValueError, match=r"client_ids must be 8 distinct non-negative integers .* got \[0, 0"):
         fed.Federation(mlp(6, 8, 2, 3, seed=0).double(), data, full.shards, full.local, client_ids=[0, 0, 1, 2, 3, 4, 5, 6])
+
+
+def test_federation_refuses_regression_targets_that_would_broadcast():
+    x, y = torch.randn(32, 4), torch.randn(32)
+    with pytest.raises(ValueError, match=r"F.mse_loss got outputs of shape \(2, 1\) and targets of shape \(2,\)"):
+        fed.Federation(nn.Linear(4, 1), (x, y), partition_iid(32, 4), loss_fn=F.mse_loss)
+    fed.Federation(nn.Linear(4, 1), (x, y[:, None]), partition_iid(32, 4), loss_fn=F.mse_loss)  # same shapes: accepted
+

@@ -378,3 +378,14 @@ def test_float32_default_and_a_float_learning_rate() -> None:
     sim.run(3)
     assert sim.params.dtype == torch.float32 and sim.optimizer == SGD(0.1)
     assert "Simulator(" in repr(sim)
+
+
+@pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.L1Loss()])
+def test_regression_targets_that_would_broadcast_are_refused(loss_fn):
+    """(K·B, 1) outputs against (K·B,) targets broadcast to a square: the auto and loop engines trained on it."""
+    x, y = torch.randn(32, 4), torch.randn(32)
+    with pytest.raises(ValueError, match=r"got outputs of shape \(2, 1\) and targets of shape \(2,\)"):
+        Simulator(nn.Linear(4, 1), (x, y), MinibatchSGD(), 0.1, n_workers=2, batch_size=8, loss_fn=loss_fn)
+    sim = Simulator(nn.Linear(4, 1), (x, y[:, None]), MinibatchSGD(), 0.1, n_workers=2, batch_size=8, loss_fn=loss_fn)
+    assert torch.isfinite(torch.as_tensor(sim.run(2)["loss"])).all()
+

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..data import InMemoryData
+from ..norms.loss_scale import check_loss_shapes_on
 from ..results import save_checkpoint
 from ..workers._engines import FlatSpec, bmm_layers, sample_mixing_layers
 from ..workers.simulator import diversity_variants
@@ -166,6 +167,8 @@ class Federation:
         self.spec = FlatSpec(self.module)
         self.x = data.x.to(self.device, dtype=self.spec.dtype) if data.x.dtype.is_floating_point else data.x.to(self.device)
         self.y = data.y.to(self.device)
+        targets = self.y[:2].to(self.spec.dtype) if self.y.dtype.is_floating_point else self.y[:2]
+        check_loss_shapes_on(loss_fn, self.module, self.x[:2], targets)  # (B, 1) outputs against (B,) targets
         self.shards = shards
         self.local = local
         self.loss_fn = loss_fn

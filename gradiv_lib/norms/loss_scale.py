@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -33,20 +34,43 @@ def _reduction_is_per_sample_uniform(loss_fn: nn.Module, targets: Tensor) -> boo
 ELEMENTWISE_LOSSES: tuple[type[nn.Module], ...] = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 """``torch.nn`` losses that broadcast outputs against targets of another shape (with only a warning)."""
 
+_ELEMENTWISE_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+"""Their functional forms."""
+
+
+def _is_elementwise(loss_fn: LossFn) -> bool:
+    return isinstance(loss_fn, ELEMENTWISE_LOSSES) or any(loss_fn is f for f in _ELEMENTWISE_FUNCTIONS)
+
 
 def check_loss_shapes(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> None:
-    """Refuse an elementwise ``torch.nn`` loss (:data:`ELEMENTWISE_LOSSES`) on outputs and targets of
-    different shapes: ``MSELoss`` on a ``(B, 1)`` output and a ``(B,)`` target broadcasts them to
-    ``(B, B)``, so every sample's output is compared with every target, the loss mixes the samples and
-    its value, its gradient and every per-sample gradient are wrong (PyTorch only warns)."""
-    if isinstance(loss_fn, ELEMENTWISE_LOSSES) and isinstance(outputs, Tensor) and isinstance(targets, Tensor) \
+    """Refuse an elementwise loss (``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss`` or their
+    ``F.*`` forms) on outputs and targets of different shapes: ``MSELoss`` on a ``(B, 1)`` output and a
+    ``(B,)`` target broadcasts them to ``(B, B)``, so every sample's output is compared with every target,
+    the loss mixes the samples and its value, its gradient and every per-sample gradient are wrong
+    (PyTorch only warns)."""
+    if _is_elementwise(loss_fn) and isinstance(outputs, Tensor) and isinstance(targets, Tensor) \
             and outputs.shape != targets.shape:
+        name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else f"F.{loss_fn.__name__}"
         raise ValueError(
-            f"{type(loss_fn).__name__} got outputs of shape {tuple(outputs.shape)} and targets of shape "
+            f"{name} got outputs of shape {tuple(outputs.shape)} and targets of shape "
             f"{tuple(targets.shape)}; it would broadcast them against each other, comparing every sample's output "
             "with other samples' targets. Give the targets the outputs' shape (e.g. y.view(-1, 1) for one output "
             "per sample) or squeeze the outputs (out.squeeze(-1))"
         )
+
+
+def check_loss_shapes_on(loss_fn: LossFn, model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+    """:func:`check_loss_shapes` on ``model(inputs)``, run in eval mode without gradients (for a
+    training loop to call once, on a few samples, before it starts); nothing is run for other losses."""
+    if not _is_elementwise(loss_fn):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            check_loss_shapes(loss_fn, model(inputs), targets)
+    finally:
+        model.train(was_training)
 
 
 def per_sample_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:

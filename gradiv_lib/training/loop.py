@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..batching import BatchSchedule, FixedBatch, Resize
-from ..norms.loss_scale import ELEMENTWISE_LOSSES, check_loss_shapes
+from ..norms.loss_scale import check_loss_shapes_on
 from ..results import check_writable_folder
 from ..results import save_checkpoint as write_checkpoint
 from ..data import InMemoryData
@@ -79,14 +79,7 @@ def _loss_reduction(loss_fn: Any, model: nn.Module, xb: Tensor, yb: Tensor) -> s
     if isinstance(loss_fn, nn.modules.loss._Loss):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"loss_fn must reduce to a scalar with reduction 'mean' or 'sum', got reduction={reduction!r}")
-        if isinstance(loss_fn, ELEMENTWISE_LOSSES):  # a (B, 1) output against (B,) targets: refused before training
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    check_loss_shapes(loss_fn, model(xb), yb)
-            finally:
-                model.train(was_training)
+        check_loss_shapes_on(loss_fn, model, xb, yb)  # a (B, 1) output against (B,) targets: refused before training
         return reduction
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")

@@ -35,6 +35,7 @@ from torch.func import functional_call, stack_module_state
 
 from ..data import InMemoryData, partition_iid
 from ..diversity import DiversityResult, diversity_from_grads
+from ..norms.loss_scale import check_loss_shapes_on
 from ._engines import ENGINES, ChunkedEngine, Engine, FlatSpec, eligible_engines, make_engine, per_sample_grads, pick_engine, sample_mixing_layers
 from .algorithms import DSGD, SGD, LocalSGD, MinibatchSGD, ShardSampler, check_algorithm, sgd_update
 from .topology import Topology
@@ -257,6 +258,7 @@ class Simulator:
         self.loss_fn = loss_fn
         self.x = data.x.to(self.device, dtype=self.spec.dtype) if data.x.dtype.is_floating_point else data.x.to(self.device)
         self.y = data.y.to(self.device, dtype=self.spec.dtype) if data.y.dtype.is_floating_point else data.y.to(self.device)
+        check_loss_shapes_on(loss_fn, self.module, self.x[:2], self.y[:2])  # (B, 1) outputs against (B,) targets
 
         topo = getattr(self.algorithm, "topology", None)
         if n_workers is None:
