@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .norms.loss_scale import check_loss_shapes_on
 from .workers._engines import FlatSpec
 
 __all__ = [
@@ -82,6 +83,7 @@ def _check_inputs(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Te
                          f"{targets.shape[0] if targets.dim() else 'a scalar'}")
     if batch_size is not None:
         _check_positive_int(batch_size, "batch_size")
+    check_loss_shapes_on(loss_fn, model, inputs[:2], targets[:2])  # (B, 1) outputs against (B,) targets
     return FlatSpec(model)
 
 

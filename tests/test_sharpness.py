@@ -201,3 +201,11 @@ def test_validation(quadratic) -> None:
         average_direction_sharpness(model, _mse, X, y, deviations=torch.full((2, 5), math.nan))
     with pytest.raises(ValueError, match="samples must be an integer >= 1"):
         AverageDirectionSAM(model.parameters(), torch.optim.SGD, sigma=0.1, samples=0, lr=0.1)
+
+
+def test_regression_targets_that_would_broadcast_are_refused():
+    x, y = torch.randn(16, 4), torch.randn(16)
+    with pytest.raises(ValueError, match=r"MSELoss got outputs of shape \(2, 1\) and targets of shape \(2,\)"):
+        hessian_top_eigenvalue(nn.Linear(4, 1), nn.MSELoss(), x, y, iters=3)
+    assert hessian_top_eigenvalue(nn.Linear(4, 1), nn.MSELoss(), x, y[:, None], iters=3).eigenvalue > 0
+

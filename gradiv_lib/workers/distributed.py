@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import InMemoryData, partition_iid
+from ..norms.loss_scale import check_loss_shapes_on
 from ._engines import FlatSpec, LoopEngine
 from .algorithms import DSGD, SGD, LocalSGD, MinibatchSGD, ShardSampler, check_algorithm, sgd_update
 from .simulator import _as_data, _as_optimizer, _check_model, _check_run_arguments
@@ -142,6 +143,7 @@ class DistributedWorker:
         self.loss_fn = loss_fn
         self.x = data.x.to(self.device, dtype=self.spec.dtype) if data.x.dtype.is_floating_point else data.x.to(self.device)
         self.y = data.y.to(self.device, dtype=self.spec.dtype) if data.y.dtype.is_floating_point else data.y.to(self.device)
+        check_loss_shapes_on(loss_fn, self.module, self.x[:2], self.y[:2])  # (B, 1) outputs against (B,) targets
         flat = self.spec.flatten(self.module).to(self.device)
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("model parameters contain inf or nan")
