@@ -166,6 +166,12 @@ def test_regression_targets_that_would_broadcast_are_refused_before_training():
         evaluate(nn.Linear(4, 1), (x, y))
     h = train(nn.Linear(4, 1), (x, y[:, None]), schedule=8, epochs=1, lr=0.1, measure_diversity=True, progress=False)
     assert math.isfinite(h.train_loss[0]) and h.diversity[0] > 0
+    # class labels in the wrong form fall to the default MSE: the message says what they look like
+    with pytest.raises(ValueError, match=r"\(8, 3\) and targets of shape \(8, 1\): it would broadcast the targets to "
+                                         r"\(8, 3\), comparing each target with several outputs.*integer targets look like class labels"):
+        train(nn.Linear(4, 3), (x, torch.randint(0, 3, (40, 1))), schedule=8, epochs=1, lr=0.1, progress=False)
+    with pytest.raises(ValueError, match=r"they do not broadcast.*pass y.long\(\)"):
+        train(nn.Linear(4, 3), (x, torch.randint(0, 3, (40,)).float()), schedule=8, epochs=1, lr=0.1, progress=False)
 
 
 def test_target_accuracy_bookkeeping(blobs):

@@ -51,11 +51,26 @@ def check_loss_shapes(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> None
     if _is_elementwise(loss_fn) and isinstance(outputs, Tensor) and isinstance(targets, Tensor) \
             and outputs.shape != targets.shape:
         name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else f"F.{loss_fn.__name__}"
+        try:
+            shape = tuple(torch.broadcast_shapes(outputs.shape, targets.shape))
+        except RuntimeError:
+            shape = None
+        if shape is None:
+            what = "they do not broadcast"
+        elif shape != tuple(outputs.shape):
+            what = f"it would broadcast them to {shape}, comparing every sample's output with other samples' targets"
+        else:
+            what = f"it would broadcast the targets to {shape}, comparing each target with several outputs"
+        if not targets.is_floating_point():
+            hint = "; integer targets look like class labels: use nn.CrossEntropyLoss with targets of shape (B,)"
+        elif targets.dim() == 1 and outputs.dim() == 2 and outputs.shape[1] > 1:
+            hint = "; class labels stored as floats? pass y.long() (integer labels get cross-entropy)"
+        else:
+            hint = ""
         raise ValueError(
-            f"{name} got outputs of shape {tuple(outputs.shape)} and targets of shape "
-            f"{tuple(targets.shape)}; it would broadcast them against each other, comparing every sample's output "
-            "with other samples' targets. Give the targets the outputs' shape (e.g. y.view(-1, 1) for one output "
-            "per sample) or squeeze the outputs (out.squeeze(-1))"
+            f"{name} got outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)}: "
+            f"{what}. Give the targets the outputs' shape (e.g. y.view(-1, 1) for one output per sample) or "
+            f"squeeze the outputs (out.squeeze(-1)){hint}"
         )
 
 
