@@ -391,6 +391,30 @@ def test_a_layer_called_on_slices_of_the_batch_is_refused_with_the_way_out() -> 
         per_sample_sq_norms(SplitCalls().double(), nn.CrossEntropyLoss(), torch.randn(B, 3, dtype=torch.float64), classes())
 
 
+def test_meter_divides_out_a_grad_scalers_scale() -> None:
+    """scaler.scale(loss).backward() carries S·L: without grad_scaler the norms are S² too large (Δ is not)
+    and the summed-loss check fired on a true mean; with it they equal the unscaled step's."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    with DiversityMeter(model) as meter:
+        nn.CrossEntropyLoss()(model(x), y).backward()
+    plain = meter.result
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "loss is probably a sum" warning
+        with DiversityMeter(model, grad_scaler=scaler) as meter:
+            scaler.scale(nn.CrossEntropyLoss()(model(x), y)).backward()
+        scaled = meter.result
+    assert scaled.sum_sq_norms == pytest.approx(plain.sum_sq_norms, rel=1e-5)
+    assert scaled.sq_norm_of_sum == pytest.approx(plain.sq_norm_of_sum, rel=1e-5)
+    with DiversityMeter(model) as meter:
+        scaler.scale(nn.CrossEntropyLoss()(model(x), y)).backward()
+    assert meter.result.sum_sq_norms == pytest.approx(1024.0**2 * plain.sum_sq_norms, rel=1e-5)
+    assert meter.result.diversity == pytest.approx(plain.diversity, rel=1e-5)
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        DiversityMeter(model, grad_scaler=1024.0)
+
+
 def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
     """Two samples with opposite gradients: ∇L is rounding noise, the per-sample norms are not."""
     model = nn.Linear(3, 1, bias=False)

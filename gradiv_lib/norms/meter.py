@@ -83,6 +83,12 @@ class DiversityMeter:
         :math:`\\|\\sum_i \\nabla_w \\ell_i\\|^2`, for a loop that sums the gradients itself (``train()``
         accumulates them over an epoch); :attr:`result` then raises. Saves reading every gradient once
         per step.
+    grad_scaler
+        The ``torch.amp.GradScaler`` of a mixed-precision loop (``scaler.scale(loss).backward()``): the
+        backward pass then carries the loss times the scale :math:`S`, which the meter reads when the ``with``
+        block opens and divides out, so :attr:`sq_norms` and :attr:`result` refer to the unscaled loss.
+        Without it they are :math:`S^2` too large (Δ is unaffected). A step whose gradients overflow (the
+        scaler skips it) has non-finite norms: :attr:`result` raises, :attr:`sq_norms` holds them.
 
     Examples
     --------
@@ -105,6 +111,7 @@ class DiversityMeter:
         check: Check = "first_call",
         exact_grad: bool = False,
         sq_norm_of_sum: bool = True,
+        grad_scaler: Any = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
@@ -112,6 +119,10 @@ class DiversityMeter:
             raise TypeError(f"exact_grad must be a bool, got {exact_grad!r}")
         if not isinstance(sq_norm_of_sum, bool):
             raise TypeError(f"sq_norm_of_sum must be a bool, got {sq_norm_of_sum!r}")
+        if grad_scaler is not None and not (callable(getattr(grad_scaler, "get_scale", None)) and callable(getattr(grad_scaler, "is_enabled", None))):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (with get_scale and is_enabled), got {type(grad_scaler).__name__}")
+        self._grad_scaler = grad_scaler
+        self._scale = 1.0  # the GradScaler's scale S in this measurement (read when the with block opens)
         self._engine = PerSampleNormEngine(
             model, sequence_strategy=sequence_strategy, check=check, grad_source="backward", fuse_weight_grads=not exact_grad,
             measure_sum=sq_norm_of_sum,
@@ -129,6 +140,8 @@ class DiversityMeter:
         self._sq_norms = None
         self._result = None
         self._output_grad = None
+        scaler = self._grad_scaler
+        self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         self._engine.__enter__()
         if self._loss_reduction == "mean" and not self._reduction_checked:
             self._handle = self._model.register_forward_hook(self._watch_output)
@@ -169,7 +182,7 @@ class DiversityMeter:
         rows = delta.abs().sum(1)
         if float(delta.sum(1).abs().max()) > 1e-6 * float(rows.max()) + 1e-300:
             return  # not a softmax cross-entropy
-        largest = float(rows.max()) * delta.shape[0]
+        largest = float(rows.max()) * delta.shape[0] / self._scale
         if largest > 2.0 * (1 + 1e-3):
             warnings.warn(
                 f"DiversityMeter(loss_reduction='mean'): the model output's gradient looks like a softmax "
@@ -181,8 +194,9 @@ class DiversityMeter:
             )
 
     def _factor(self, batch_size: int) -> float:
-        """c in L = (1/c) Σ ℓ_i: per-sample gradients are c times what the hooks see."""
-        return float(batch_size) if self._loss_reduction == "mean" else 1.0
+        """c / S with L = (1/c) Σ ℓ_i and the back-propagated loss S·L (S: the GradScaler's scale, else 1):
+        per-sample gradients are c / S times what the hooks see."""
+        return (float(batch_size) if self._loss_reduction == "mean" else 1.0) / self._scale
 
     @property
     def sq_norms(self) -> Tensor:
