@@ -90,8 +90,10 @@ def test_threads_from_environment(monkeypatch):
 
 def test_bad_seed_and_device(monkeypatch):
     monkeypatch.delenv("GRADIV_DEVICE", raising=False)
-    with pytest.raises(ValueError, match="seed must be a non-negative int"):
-        gl.seed_everything(-1)
+    for seed in (-1, 2**64):  # 2**64: torch overflowed after random and NumPy were already seeded
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            gl.seed_everything(seed)
+    gl.seed_everything(2**64 - 1)
     with pytest.raises(ValueError, match="device 'gpu' is not a device; use 'auto'"):
         gl.pick_device("gpu")
     monkeypatch.setenv("GRADIV_DEVICE", "tpu0")
