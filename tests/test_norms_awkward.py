@@ -415,6 +415,62 @@ def test_meter_divides_out_a_grad_scalers_scale() -> None:
         DiversityMeter(model, grad_scaler=1024.0)
 
 
+class Stateful(nn.Module):
+    """A forward pass that updates buffers: a step counter, an EMA of its inputs (in place) and a queue of
+    features (replaced), as in MoCo-style memories."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(3))
+        self.register_buffer("queue", torch.zeros(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        self.queue = torch.cat([self.queue[1:], x.detach().mean(0, keepdim=True)])
+        return self.head(torch.tanh(self.layer(x)))
+
+
+def test_the_probes_extra_forward_passes_leave_the_models_buffers_as_one_pass_does() -> None:
+    """The first measured call probes the batch axes with three more forward passes; they advanced the
+    counter to 4 and moved the EMA and the queue three more times, silently."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    measured, plain = Stateful().double(), Stateful().double()
+    plain.load_state_dict(measured.state_dict())
+    with DiversityMeter(measured) as meter:
+        nn.CrossEntropyLoss()(measured(x), y).backward()
+    plain(x)
+    assert float(measured.calls) == 1.0
+    torch.testing.assert_close(measured.ema, plain.ema, rtol=0, atol=0)
+    torch.testing.assert_close(measured.queue, plain.queue, rtol=0, atol=0)
+    assert bool(torch.isfinite(meter.sq_norms).all())
+    stateful = Stateful().double()
+    per_sample_sq_norms(stateful, nn.CrossEntropyLoss(), x, y)
+    assert float(stateful.calls) == 1.0
+
+
+class ShrinksItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.layer.weight.mul_(0.999)
+        return self.layer(x)
+
+
+def test_a_forward_pass_that_changes_a_parameter_in_place_is_refused_by_the_probe() -> None:
+    """Each probe pass saw other weights (it was reported as mixing samples) and the change cannot be undone."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"forward pass changes parameters \['layer.weight'\] in place.*check='off'"):
+        per_sample_sq_norms(ShrinksItsWeight().double(), nn.CrossEntropyLoss(), x, y)
+    per_sample_sq_norms(ShrinksItsWeight().double(), nn.CrossEntropyLoss(), x, y, check="off")  # the way out
+
+
 def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
     """Two samples with opposite gradients: ∇L is rounding noise, the per-sample norms are not."""
     model = nn.Linear(3, 1, bias=False)

@@ -205,6 +205,38 @@ def cuda_devices(args: Sequence[Any]) -> list[int]:
     return sorted({leaf.device.index or 0 for leaf in leaves if isinstance(leaf, Tensor) and leaf.device.type == "cuda"})
 
 
+class _ModelState:
+    """What a forward pass may change besides its output, saved before the probe's passes and put back after
+    them: every buffer (in place, and the module's entry if the pass replaced it) and the weights of
+    embeddings with ``max_norm`` (renormalised in place by the lookup). Other parameters changed in place
+    cannot be put back: :func:`probe` refuses them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [(m, name, b, b._version, b.detach().clone())
+                        for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        self.weights = [(m.weight, m.weight._version, m.weight.detach().clone()) for m in model.modules()
+                        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        restored = {id(w) for w, _, _ in self.weights}
+        self.versions = [(name, p, p._version) for name, p in model.named_parameters() if id(p) not in restored]
+
+    def restore(self) -> None:
+        """Put back what changed, and only that: a tensor autograd saved (BatchNorm's running statistics in
+        eval mode) must keep its version."""
+        with torch.no_grad():
+            for module, name, buffer, version, value in self.buffers:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                if buffer._version != version:
+                    buffer.copy_(value)
+            for weight, version, value in self.weights:
+                if weight._version != version:
+                    weight.copy_(value)
+
+    def changed_parameters(self) -> list[str]:
+        """Parameters the forward passes changed in place since the state was saved."""
+        return [name for name, p, version in self.versions if p._version != version]
+
+
 Run = dict[str, list[tuple[list[Fingerprint], list[Fingerprint]]]]
 """Fingerprints of one probe forward pass: per layer path, per call, (inputs, outputs)."""
 
@@ -215,12 +247,13 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
     of every tensor the hooked layers saw and of the model's output.
 
     ``set_run(run)`` hands the engine's forward hooks the dict to record fingerprints into (``None``
-    when done). Modes, the RNG streams and the fused-attention switch are restored afterwards.
+    when done). Modes, the RNG streams, the fused-attention switch and the buffers (``_ModelState``) are
+    restored afterwards.
 
     Raises
     ------
     ValueError
-        If a probe forward pass fails (the way out, ``check='off'``, is named).
+        If a probe forward pass fails, or changes a parameter in place (the way out, ``check='off'``, is named).
     """
     rolled_args, rolled_kwargs = rolled_inputs(args, kwargs, batch_size)
     calls = [(args, kwargs), (rolled_args, rolled_kwargs)]
@@ -228,6 +261,7 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
     if replaced is not None:
         calls.append(replaced)
     modes = [(m, m.training) for m in model.modules()]
+    state = _ModelState(model)  # forward passes may update buffers (a step counter, an EMA, a queue of features)
     devices = cuda_devices((args, kwargs))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     runs: list[Run] = []
@@ -257,6 +291,15 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes:
             m.training = mode
+        state.restore()
+    changed = state.changed_parameters()
+    if changed:  # each probe pass saw other weights, so its comparisons mean nothing (and the change stays)
+        raise ValueError(
+            f"the model's forward pass changes parameters {changed} in place, so the batch-axis probe's extra forward "
+            "passes (on the batch, rolled and with one sample replaced) changed them again, which cannot be undone. "
+            "Pass check='off' to skip the probe (the forward pass then runs once per step), or move the update out "
+            "of forward"
+        )
     layout = Layout()
     first, rolled = runs[0], runs[1]
     third = runs[2] if len(runs) > 2 else None
