@@ -471,6 +471,48 @@ def test_a_forward_pass_that_changes_a_parameter_in_place_is_refused_by_the_prob
     per_sample_sq_norms(ShrinksItsWeight().double(), nn.CrossEntropyLoss(), x, y, check="off")  # the way out
 
 
+class GRUHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _with_user_hook(case: str) -> tuple[nn.Module, Tensor, bool]:
+    if case.startswith("fallback"):
+        model, x = GRUHead().double(), torch.randn(6, 5, 3, dtype=torch.float64)
+        if case == "fallback_pre_hook":
+            model.rnn.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+        else:
+            model.rnn.register_forward_hook(lambda module, args, out: (out[0] * 2 + 0.5, out[1]))
+        return model, x, True
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double(), torch.randn(6, 3, dtype=torch.float64)
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    model[0].register_forward_hook(lambda module, args, out: out.tanh())
+    return model, x, False
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+@pytest.mark.parametrize("case", ["rule_layer_hooks", "fallback_pre_hook", "fallback_output_hook"])
+def test_a_users_forward_hooks_on_a_measured_layer(case: str, check_mode: str) -> None:
+    """A user's forward hook that replaces a layer's output ran before the engine's, which then took the
+    gradient at the replacement; the fallback's recomputation applied the layer's own pre-hooks and hooks
+    a second time. The first two cases were refused with the check on and silently wrong with check='off';
+    the third is what prepending the engine's hook alone would have broken."""
+    model, x, loop = _with_user_hook(case)
+    y, loss_fn = torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+    expected = reference_sq_norms(model, loss_fn, x, y, loop=loop)
+    assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check=check_mode), expected, 1e-10)
+    meter = DiversityMeter(model, check=check_mode)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            loss_fn(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+
+
 def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
     """Two samples with opposite gradients: ∇L is rounding noise, the per-sample norms are not."""
     model = nn.Linear(3, 1, bias=False)

@@ -581,10 +581,10 @@ def test_the_timed_decision_of_a_sequence_linear_layer_runs_the_real_work(monkey
         torch.testing.assert_close(got_bias, expected_bias, rtol=1e-10, atol=1e-12)
 
 
-def test_a_users_hook_on_a_layer_output_keeps_firing_so_that_layer_is_not_fused(fused_calls: list[int]) -> None:
-    """A tensor hook the user puts on a convolution's output (from a forward hook registered before the
-    meter's) must see every backward pass; fusing replaces that output, so such a layer keeps autograd's
-    path, exactly, while the other convolution is fused."""
+def test_a_users_hook_on_a_fused_layers_output_keeps_firing_with_autograds_gradient(fused_calls: list[int]) -> None:
+    """A tensor hook the user puts on a convolution's output from a forward hook must see every backward
+    pass, with the gradient it sees without the meter. The meter's forward hook runs first (prepended), so
+    the user's hook is put on the fused layer's output, and both convolutions are fused."""
     model, shape = _conv_model("conv2d_1x1")
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     expected, _ = reference(model, x, y)
@@ -595,12 +595,16 @@ def test_a_users_hook_on_a_layer_output_keeps_firing_so_that_layer_is_not_fused(
             output.register_hook(seen.append)
 
     model[0].register_forward_hook(watch)
+    model.zero_grad(set_to_none=True)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    unmeasured = seen.pop()
     meter = DiversityMeter(model)
     for calls in range(1, 4):
         sq_norms, _ = step(meter, model, x, y)
         torch.testing.assert_close(sq_norms.double(), expected, rtol=TOL, atol=0.0)
         assert len(seen) == calls
-    assert len(fused_calls) == 2  # the second convolution, on the two unchecked calls
+        torch.testing.assert_close(seen[-1], unmeasured, rtol=1e-12, atol=0.0)
+    assert len(fused_calls) == 4  # both convolutions, on the two unchecked calls
 
 
 @pytest.mark.parametrize("options", [{"check": "every_call"}, {"exact_grad": True}])

@@ -401,7 +401,9 @@ class PerSampleNormEngine:
         """Register the hooks (idempotent)."""
         if not self._handles:
             handles = [self._model.register_forward_pre_hook(self._on_root_call, with_kwargs=True)]
-            handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in self._layer_hooks]
+            # prepended: a layer's hook sees the layer's own output, before a user's forward hook replaces it
+            # (out * 2 + 0.5 would otherwise get the gradient at its result, not at the layer's output)
+            handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=True) for module, hook, with_kwargs in self._layer_hooks]
             handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
             handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
             self._handles = handles

@@ -18,8 +18,10 @@ are not updated twice.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +49,26 @@ def warn_fallback_once(module: nn.Module, path: str) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+_OWN_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                   "_forward_hooks_always_called")
+"""The hook tables of a module's own ``__call__`` (its submodules keep theirs)."""
+
+
+@contextlib.contextmanager
+def _own_hooks_off(module: nn.Module) -> Iterator[None]:
+    """The module's own forward (pre-)hooks switched off: the saved inputs are what its forward received
+    (after the pre-hooks) and the output gradients are those at what its forward returned (the engine's
+    hook runs first, before a user's hook replaces the output), so the recomputation is the bare forward."""
+    saved = {name: getattr(module, name) for name in _OWN_HOOK_DICTS if hasattr(module, name)}
+    try:
+        for name in saved:
+            object.__setattr__(module, name, OrderedDict())
+        yield
+    finally:
+        for name, table in saved.items():
+            object.__setattr__(module, name, table)
 
 
 def fallback_per_sample_grads(
@@ -90,7 +112,8 @@ def fallback_per_sample_grads(
         for (i, _), leaf in zip(batched, sample_leaves):
             call_leaves[i] = leaf
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
-        flat, _ = tree_flatten(functional_call(module, {**buffers, **theta}, call_args, call_kwargs))
+        with _own_hooks_off(module):
+            flat, _ = tree_flatten(functional_call(module, {**buffers, **theta}, call_args, call_kwargs))
         return sum((flat[i] * delta).sum() for (i, _), delta in zip(outputs, sample_deltas))
 
     theta = {name: p.detach() for name, p in params.items()}
