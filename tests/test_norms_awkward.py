@@ -35,6 +35,19 @@ def check(model: nn.Module, x: Tensor, y: Tensor, *, loop: bool = False, reducti
     assert_norms_close(got, reference_sq_norms(model, loss_fn, x, y, loop=loop), 1e-6)
 
 
+def check_function_and_meter(model: nn.Module, x: Tensor, y: Tensor, check_mode: str, *, loop: bool = False) -> None:
+    """The function and two calls of one meter, all equal to torch.func's norms (to 1e-10), with ``check_mode``."""
+    loss_fn = nn.CrossEntropyLoss()
+    expected = reference_sq_norms(model, loss_fn, x, y, loop=loop)
+    assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check=check_mode), expected, 1e-10)
+    meter = DiversityMeter(model, check=check_mode)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            loss_fn(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+
+
 class MatmulTiedLM(nn.Module):
     """Output head ``h @ embed.weight.T``: the second use of the embedding never reaches a hook."""
 
@@ -349,15 +362,7 @@ def test_a_layer_whose_outputs_depend_on_each_other(case: str, check_mode: str) 
         model, x = CellLoop().double(), torch.randn(B, 3, 3, dtype=torch.float64)
     else:
         model, x = UsesBothOutputs(case == "same_tensor_twice").double(), torch.randn(B, 3, dtype=torch.float64)
-    y, loss_fn = classes(), nn.CrossEntropyLoss()
-    expected = reference_sq_norms(model, loss_fn, x, y, loop=case == "lstm_cell_loop")
-    assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check=check_mode), expected, 1e-10)
-    meter = DiversityMeter(model, check=check_mode)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        with meter:
-            loss_fn(model(x), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-10)
+    check_function_and_meter(model, x, classes(), check_mode, loop=case == "lstm_cell_loop")
 
 
 class PackedGRU(nn.Module):
@@ -502,15 +507,7 @@ def test_a_users_forward_hooks_on_a_measured_layer(case: str, check_mode: str) -
     a second time. The first two cases were refused with the check on and silently wrong with check='off';
     the third is what prepending the engine's hook alone would have broken."""
     model, x, loop = _with_user_hook(case)
-    y, loss_fn = torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
-    expected = reference_sq_norms(model, loss_fn, x, y, loop=loop)
-    assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check=check_mode), expected, 1e-10)
-    meter = DiversityMeter(model, check=check_mode)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        with meter:
-            loss_fn(model(x), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-10)
+    check_function_and_meter(model, x, torch.randint(0, 3, (6,)), check_mode, loop=loop)
 
 
 def test_gradient_check_tolerates_cancelling_samples_at_a_minimum() -> None:
