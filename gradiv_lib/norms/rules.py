@@ -464,7 +464,7 @@ def _conv_per_sample_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str,
         a, d = _conv_factors(module, x, g)
         grads["weight"] = torch.matmul(d.transpose(-1, -2), a).reshape(batch, *module.weight.shape)
     if _trainable(module.bias):
-        grads["bias"] = g.reshape(batch, g.shape[1], -1).sum(2)
+        grads["bias"] = _conv_bias_grads(g)
     return grads
 
 
