@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -924,3 +925,127 @@ def test_a_fallback_layer_called_twice_sums_its_per_sample_gradients() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's one-time notice
         check(FallbackTwice().double(), torch.randn(B, 3, dtype=torch.float64), classes())
+
+
+class KeywordCalls(nn.Module):
+    """Rule layers called with their input as a keyword, ``layer(input=x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.conv, self.head = nn.Linear(5, 4), nn.Conv1d(1, 2, 3), nn.Linear(4 + 2 * 3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [torch.tanh(self.a(input=x)), self.conv(input=x.unsqueeze(1)).flatten(1)]
+        return self.head(input=torch.cat(features, 1))
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+def test_rule_layers_called_with_their_input_as_a_keyword(check_mode: str) -> None:
+    """The rule hooks read the input from the keyword too (they raised IndexError on ``args[0]``)."""
+    check_function_and_meter(KeywordCalls().double(), torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)), check_mode)
+
+
+def test_a_torchscript_submodule_with_parameters_is_refused_by_name() -> None:
+    model = nn.Sequential(torch.jit.script(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"module '0' is a TorchScript module .* Measure the eager module"):
+        DiversityMeter(model)
+    for p in model[0].parameters():  # frozen: nothing to hook there
+        p.requires_grad_(False)
+    DiversityMeter(model)
+
+
+class SpectralConv(nn.Module):
+    """A parametrised layer (no rule: the fallback) whose forward updates buffers before using them:
+    spectral_norm's power iteration refines u and v in training mode, then divides by uᵀWv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.spectral_norm(nn.Conv1d(2, 3, 3))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean(2))
+
+
+def test_a_fallback_layer_that_updates_its_buffers_in_its_forward_is_recomputed_from_their_old_values() -> None:
+    """The recomputation ran the power iteration a second time, from the updated u and v: the norms came out
+    1e-5 off (float64) from the second step on, silently. The training state is the unmeasured run's."""
+    x, y, loss_fn = torch.randn(6, 2, 8, dtype=torch.float64), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+    measured = SpectralConv().double()
+    plain = SpectralConv().double()
+    plain.load_state_dict(measured.state_dict())
+    meter = DiversityMeter(measured)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (measured, plain)]
+    for _ in range(3):
+        expected = reference_sq_norms(measured, loss_fn, x, y)  # u and v as the measured forward starts
+        for model, optimizer in zip((measured, plain), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            with meter if model is measured else contextlib.nullcontext():
+                loss_fn(model(x), y).backward()
+            optimizer.step()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+        for (name, a), b in zip(measured.state_dict().items(), plain.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+class ParameterListMatmul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4, 3))])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.weights[0]) @ self.weights[1]
+
+
+def test_a_parameter_list_used_by_its_parents_forward_is_refused_with_the_way_out() -> None:
+    """No hook runs (the ParameterList is never called), yet .grad is filled: named as parameters used outside
+    their module, not as 'no gradient reached the parameters'."""
+    model = ParameterListMatmul().double()
+    with pytest.raises(ValueError, match=r"parameters \['weights.0', 'weights.1'\] received gradients.* nn.ParameterList"):
+        with DiversityMeter(model) as meter:
+            F.cross_entropy(model(torch.randn(5, 3, dtype=torch.float64)), torch.randint(0, 3, (5,))).backward()
+        meter.sq_norms
+
+
+def _changes() -> dict[str, object]:
+    def replace_head(model: nn.Sequential) -> None:
+        model[2] = nn.Linear(4, 3).double()
+
+    def reassign_weight(model: nn.Sequential) -> None:
+        model[2].weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def add_layer(model: nn.Sequential) -> None:
+        model.append(nn.Linear(3, 3).double())
+
+    def insert_batch_norm(model: nn.Sequential) -> None:
+        model[1] = nn.BatchNorm1d(4, affine=False).double()
+
+    return {"replace_head": replace_head, "reassign_weight": reassign_weight, "add_layer": add_layer,
+            "insert_batch_norm": insert_batch_norm}
+
+
+@pytest.mark.parametrize("change", list(_changes()))
+def test_a_model_changed_after_the_meter_was_built_is_refused(change: str) -> None:
+    """The new parameters had no hooks: Δ left them out, 50-70 % off, with no error."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    meter = DiversityMeter(model).hold()  # held hooks too (what train() does)
+    with meter:
+        F.cross_entropy(model(x), y).backward()
+    _changes()[change](model)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"the model changed after this meter was built: .*build a new meter"):
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+
+
+def test_swapping_a_parameter_free_module_keeps_the_meter_right() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    meter = DiversityMeter(model)
+    for activation in (nn.Tanh(), nn.ReLU(), nn.GELU()):
+        model[1] = activation
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, reference_sq_norms(model, nn.CrossEntropyLoss(), x, y), 1e-10)

@@ -77,6 +77,7 @@ class _Layer:
     calls: int = 0
     covered: bool = False
     fusable: bool = False
+    buffers_before: Any = field(default=None, repr=False)  # fallback layers: buffer state as the forward began
     param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +185,13 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
         if id(module) in visited:
             return
         visited.add(id(module))
+        if isinstance(module, torch.jit.ScriptModule) and any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"module '{path or '<model>'}' is a TorchScript module (torch.jit.script or torch.jit.trace) with "
+                "trainable parameters; PyTorch runs no forward hooks on TorchScript modules, so their per-sample "
+                "gradients cannot be recorded. Measure the eager module (script a copy for deployment), or "
+                "freeze its parameters (p.requires_grad_(False) for each) if they are not trained."
+            )
         rule = LAYER_RULES.get(type(module))
         direct = _trainable_direct_params(module)
         if isinstance(module, nn.Embedding) and module.scale_grad_by_freq and direct:
@@ -337,6 +345,9 @@ class PerSampleNormEngine:
         self._model = model
         self._parameter_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self._frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+        # the parameters and BatchNorm layers the hooks were planned for (``_check_structure``)
+        self._planned_members = self._members(model)
+        self._remember_structure()
         self._layers = _plan_layers(model)
         for layer in self._layers:
             layer.fusable = fuse_weight_grads and isinstance(layer.module, fused.FUSABLE_TYPES) and not layer.shares_parameters
@@ -355,10 +366,14 @@ class PerSampleNormEngine:
         # hooks are bound once here, not in attach(): attach runs on every measured training step
         self._layer_hooks: list[tuple[nn.Module, Any, bool]] = [
             (layer.module, partial(self._record_fallback_call, layer), True) if layer.rule is None
-            else (layer.module, partial(self._record_rule_call, layer), False)
+            else (layer.module, partial(self._record_rule_call, layer), True)  # kwargs: a call layer(input=x)
             for layer in self._layers
         ]
         self._batch_norm_hooks = [(module, partial(self._refuse_batch_statistics, path)) for path, module in self._batch_norms]
+        # a fallback layer whose forward updates its buffers before using them (spectral_norm's power iteration)
+        # is recomputed from the buffers it started with, not from the updated ones
+        self._buffer_snapshot_hooks = [(layer.module, partial(self._snapshot_buffers, layer))
+                                       for layer in self._layers if layer.rule is None and next(layer.module.buffers(), None) is not None]
         self._parameter_hooks = [(p, partial(self._record_parameter_grad, id(p))) for p in self._parameters]
         self.reset()
 
@@ -406,6 +421,7 @@ class PerSampleNormEngine:
             handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=True) for module, hook, with_kwargs in self._layer_hooks]
             handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
             handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
+            handles += [module.register_forward_pre_hook(hook) for module, hook in self._buffer_snapshot_hooks]
             self._handles = handles
         if not self._reading and not self._parameter_handles:
             self._parameter_handles = [p.register_hook(hook) for p, hook in self._parameter_hooks]
@@ -423,7 +439,45 @@ class PerSampleNormEngine:
             handle.remove()
         self._parameter_handles = []
 
+    @staticmethod
+    def _members(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+        """Every parameter and every BatchNorm layer of ``model`` by id, with its name."""
+        params = {id(p): name for name, p in model.named_parameters()}
+        return params, {id(m): path for path, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+    def _remember_structure(self) -> None:
+        # every module with the ids of its children and parameters; the objects are held, so an id in the
+        # snapshot cannot be reused by a module or parameter created later
+        self._structure = [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in self._model.modules()]
+        self._structure_ids = [(tuple(map(id, children)), tuple(map(id, params))) for _, children, params in self._structure]
+
+    def _check_structure(self) -> None:
+        """Raise if a parameter or a BatchNorm layer was added, replaced or removed since the hooks were
+        planned (a new layer has no hooks: its gradients would be left out of Δ silently). One identity
+        comparison per module and step; a change of parameter-free modules only (ReLU for GELU) is accepted."""
+        for (module, _, _), (children, params) in zip(self._structure, self._structure_ids):
+            if tuple(map(id, module._modules.values())) != children or tuple(map(id, module._parameters.values())) != params:
+                break
+        else:
+            return
+        now = self._members(self._model)
+        if all(a.keys() == b.keys() for a, b in zip(now, self._planned_members)):  # the same objects, perhaps moved
+            self._remember_structure()
+            return
+        (planned_params, planned_norms), (params, norms) = self._planned_members, now
+        added = [name for pid, name in params.items() if pid not in planned_params]
+        added += [f"{path} (BatchNorm)" for mid, path in norms.items() if mid not in planned_norms]
+        removed = [name for pid, name in planned_params.items() if pid not in params]
+        removed += [f"{path} (BatchNorm)" for mid, path in planned_norms.items() if mid not in norms]
+        raise ValueError(
+            f"the model changed after this meter was built: {'added ' + str(added) if added else ''}"
+            f"{'; ' if added and removed else ''}{'removed ' + str(removed) if removed else ''} (a layer replaced or added, "
+            "or a parameter reassigned). The meter plans its hooks for the model as it was built and would leave "
+            "new parameters out; build a new meter after changing the model."
+        )
+
     def __enter__(self) -> PerSampleNormEngine:
+        self._check_structure()
         if self._frozen and any(p.requires_grad for p in self._frozen.values()):
             thawed = [name for name, p in self._frozen.items() if p.requires_grad]
             raise ValueError(
@@ -576,14 +630,15 @@ class PerSampleNormEngine:
         layer.calls += 1
         return index
 
-    def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+    def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
+        # every rule layer's forward takes one tensor, ``input``: layer(x) or layer(input=x)
         if self._probe_run is not None:
-            self._probe_record(layer, [args[0]], [output])
+            self._probe_record(layer, [args[0] if args else kwargs["input"]], [output])
             return
         # output.requires_grad is False under no_grad / inference mode (evaluation passes are skipped)
         if self._paused or self._idle or not output.requires_grad:
             return
-        activation = args[0]
+        activation = args[0] if args else kwargs["input"]
         if activation.dim() < layer.rule.batched_input_dim:
             raise ValueError(
                 f"layer {layer.name} was called on an unbatched input of shape {tuple(activation.shape)}; "
@@ -606,7 +661,21 @@ class PerSampleNormEngine:
         entry = self._layout_entry(layer, self._root, index)
         return entry is not None and entry[0][0] == 0 and entry[1][0] == 0
 
+    def _snapshot_buffers(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Before a fallback layer's forward: its buffers (object, version, copy), for the recomputation."""
+        layer.buffers_before = [(name, b, b._version, b.clone()) for name, b in module.named_buffers()] if self._recording() else None
+
+    @staticmethod
+    def _changed_buffers(layer: _Layer) -> dict[str, Tensor]:
+        """The buffers the layer's last forward replaced or changed in place, as they were before it ran."""
+        snapshot, layer.buffers_before = layer.buffers_before, None
+        if not snapshot:
+            return {}
+        now = dict(layer.module.named_buffers())
+        return {name: before for name, b, version, before in snapshot if now.get(name) is not b or b._version != version}
+
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        buffers_before = self._changed_buffers(layer) if layer.buffers_before is not None else {}
         if self._probe_run is not None:
             self._probe_record(layer, tree_flatten((args, kwargs))[0], tree_flatten(output)[0])
             return None
@@ -628,7 +697,7 @@ class PerSampleNormEngine:
         call = self._call_index(layer)
         if not rules_attention.supports(module, args, kwargs):
             warn_fallback_once(module, layer.path)
-        saved = _SavedOnce(tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)))
+        saved = _SavedOnce((*tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)), buffers_before))
         hook = partial(self._on_fallback_output_grads, layer, self._root, call, saved, indices, len(leaves))
         replaced = None
         if len(indices) > 1:
@@ -779,7 +848,7 @@ class PerSampleNormEngine:
             self._extra_passes = True
             return
         self._on_backward()
-        args, kwargs = saved
+        args, kwargs, buffers_before = saved
         in_leaves, _ = tree_flatten((args, kwargs))
         out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
         in_axes, out_axes = self._fallback_axes(layer, root, index, in_leaves, out_grads, n_out)
@@ -790,7 +859,8 @@ class PerSampleNormEngine:
         self._paused = True
         try:
             per_sample = fallback_per_sample_grads(
-                layer.module, layer.path, layer.params, args, kwargs, in_axes, out_grads, out_axes, self._batch_size
+                layer.module, layer.path, layer.params, args, kwargs, in_axes, out_grads, out_axes, self._batch_size,
+                buffers=buffers_before,
             )
         finally:
             self._paused = False
@@ -887,6 +957,10 @@ class PerSampleNormEngine:
         if self._complete:  # checked already for this measurement (sq_norms and grad_sum_sq_norm both ask)
             return
         if not self._grad_counts:
+            if self._reading and not self._backward_passes:  # no hook ran, yet .grad (empty before) was filled
+                reached = [self._parameter_names[id(p)] for p in self._parameters if p.grad is not None]
+                if reached:
+                    self._refuse_uncovered(reached)
             raise RuntimeError(
                 "no gradient reached the model's trainable parameters while the hooks were attached; "
                 "run the forward pass and the backward pass inside the measurement"
@@ -914,18 +988,7 @@ class PerSampleNormEngine:
             )
         missing = [self._parameter_names[pid] for pid in self._grad_counts if pid not in covered]
         if missing:
-            silent = [layer.name for layer in self._layers if layer.calls and not layer.covered]
-            raise ValueError(
-                f"parameters {missing} received gradients, but no per-sample rule saw their module run: they are used "
-                "outside their own module's forward (for example F.linear(x, layer.weight)); call the module instead, "
-                "or keep the parameters in a small custom module so the torch.func fallback handles them"
-                + (
-                    f". Layer(s) {', '.join(silent)} ran in the forward pass but their output gradient never reached the hook: an "
-                    "in-place operation on an output that is a view of another tensor (x.relu_() or x += ... after a "
-                    "reshape) re-bases it and drops its hooks; use the out-of-place form there"
-                    if silent else ""
-                )
-            )
+            self._refuse_uncovered(missing)
         if self._verify and not self._verified:
             self._check_grad_sums()
             self._verified = True
@@ -933,6 +996,23 @@ class PerSampleNormEngine:
             if self._root is not None and self._root.layout is not None and self._check == "first_call":
                 self._root.layout.grads_verified = True
         self._complete = True
+
+    def _refuse_uncovered(self, missing: list[str]) -> None:
+        """Raise for parameters that received gradients without their module's hooks seeing a use."""
+        silent = [layer.name for layer in self._layers if layer.calls and not layer.covered]
+        raise ValueError(
+            f"parameters {missing} received gradients, but no per-sample rule saw their module run: they are used "
+            "outside their own module's forward (for example F.linear(x, layer.weight), or an nn.ParameterList / "
+            "nn.ParameterDict, which is never called, used by its parent's forward); call the module instead, or "
+            "keep the parameters in a small custom module that uses them in its own forward (as direct attributes), "
+            "so the torch.func fallback handles them"
+            + (
+                f". Layer(s) {', '.join(silent)} ran in the forward pass but their output gradient never reached the hook: an "
+                "in-place operation on an output that is a view of another tensor (x.relu_() or x += ... after a "
+                "reshape) re-bases it and drops its hooks; use the out-of-place form there"
+                if silent else ""
+            )
+        )
 
     def sq_norms(self) -> Tensor:
         """Per-sample squared gradient norms, shape ``[B]``, in the scale of the back-propagated loss."""

@@ -12,8 +12,9 @@ engine's probe found: a ``(T, B, ·)`` RNN input is split along axis 1). Layers 
 batch (the fused RNN/LSTM/GRU kernels, norm layers that update running statistics) take the same
 vector-Jacobian product sample by sample, which is exact and slower. Either way the module's
 forward runs again and a ``[B, *shape]`` gradient per parameter is materialised; a warning names
-each layer type the first time it falls back. Buffers are passed as copies, so running statistics
-are not updated twice.
+each layer type the first time it falls back. Buffers are passed as fresh copies on every
+recomputation, so running statistics are not updated twice; a forward that updates a buffer before
+using it (``spectral_norm``'s power iteration) is recomputed from the values it started with.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def fallback_per_sample_grads(
     output_grads: Mapping[int, Tensor],
     out_axes: Sequence[int | None],
     batch_size: int,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``{name: [B, *shape]}`` of ``params`` (names relative to ``module``).
 
@@ -100,11 +102,14 @@ def fallback_per_sample_grads(
         every output leaf.
     batch_size
         Number of samples B.
+    buffers
+        Buffer values (names relative to ``module``) the forward call started with, where they differ from
+        the module's current ones (the forward updated them); the others are read from the module.
     """
     leaves, spec = tree_flatten((args, kwargs))
     batched = [(i, axis) for i, axis in enumerate(in_axes) if axis is not None and isinstance(leaves[i], Tensor)]
     outputs = [(i, out_axes[i]) for i in output_grads]
-    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    buffers = {name: b.detach() for name, b in module.named_buffers()} | dict(buffers or {})
 
     def objective(theta: dict[str, Tensor], sample_leaves: Sequence[Tensor], sample_deltas: Sequence[Tensor]) -> Tensor:
         """⟨f(x_i; θ), δ_i⟩ for one sample whose tensors keep a batch axis of size 1."""
@@ -113,7 +118,9 @@ def fallback_per_sample_grads(
             call_leaves[i] = leaf
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
         with _own_hooks_off(module):
-            flat, _ = tree_flatten(functional_call(module, {**buffers, **theta}, call_args, call_kwargs))
+            # fresh copies per call: a forward that updates its buffers in place must not see an earlier sample's update
+            state = {name: b.clone() for name, b in buffers.items()}
+            flat, _ = tree_flatten(functional_call(module, {**state, **theta}, call_args, call_kwargs))
         return sum((flat[i] * delta).sum() for (i, _), delta in zip(outputs, sample_deltas))
 
     theta = {name: p.detach() for name, p in params.items()}
