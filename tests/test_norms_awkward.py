@@ -1049,3 +1049,15 @@ def test_swapping_a_parameter_free_module_keeps_the_meter_right() -> None:
         with meter:
             F.cross_entropy(model(x), y).backward()
         assert_norms_close(meter.sq_norms, reference_sq_norms(model, nn.CrossEntropyLoss(), x, y), 1e-10)
+
+
+def test_a_gradient_penalty_is_refused_as_a_second_backward_pass() -> None:
+    """autograd.grad(create_graph=True), then backward(): was reported as 'no gradient reached the parameters'."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"2 backward passes .* a gradient penalty"):
+        with DiversityMeter(model) as meter:
+            loss = F.cross_entropy(model(x), torch.randint(0, 3, (6,)))
+            (input_grad,) = torch.autograd.grad(loss, x, create_graph=True)
+            (loss + input_grad.square().sum()).backward()
+        meter.sq_norms

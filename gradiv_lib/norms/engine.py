@@ -956,6 +956,13 @@ class PerSampleNormEngine:
     def _check_complete(self) -> None:
         if self._complete:  # checked already for this measurement (sq_norms and grad_sum_sq_norm both ask)
             return
+        passes = max(max(self._grad_counts.values(), default=1), self._backward_passes, 2 if self._extra_passes else 1)
+        if passes > 1:
+            raise RuntimeError(
+                f"{passes} backward passes reached the parameters during one measurement; a measurement covers "
+                "exactly one backward pass (start a new one per micro-batch; a torch.autograd.grad call before "
+                "loss.backward(), as in a gradient penalty, is a pass too)"
+            )
         if not self._grad_counts:
             if self._reading and not self._backward_passes:  # no hook ran, yet .grad (empty before) was filled
                 reached = [self._parameter_names[id(p)] for p in self._parameters if p.grad is not None]
@@ -969,12 +976,6 @@ class PerSampleNormEngine:
                     "torch.autograd.grad does not: use gradient_diversity / per_sample_sq_norms for the latter)"
                     if self._reading and self._backward_passes else ""
                 )
-            )
-        passes = max(max(self._grad_counts.values()), self._backward_passes, 2 if self._extra_passes else 1)
-        if passes > 1:
-            raise RuntimeError(
-                f"{passes} backward passes reached the parameters during one measurement; a measurement covers "
-                "exactly one backward pass (start a new one per micro-batch)"
             )
         covered = {pid for layer in self._layers if layer.covered for pid in layer.param_ids}
         unreached = [self._parameter_names[id(p)] for layer in self._layers if layer.covered and layer.rule is not None
