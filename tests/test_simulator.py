@@ -162,6 +162,31 @@ def test_cnn_backends_agree_and_bmm_is_refused() -> None:
         Simulator(model, data, LocalSGD(2), SGD(0.1), n_workers=2, batch_size=4, backend="bmm")
 
 
+class LastLSTMState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(1, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.unsqueeze(-1))
+        return self.head(out[:, -1])
+
+
+def test_an_explicit_backend_that_cannot_batch_the_model_names_the_others() -> None:
+    """vmap has no batching rule for the fused LSTM kernel: PyTorch's bare RuntimeError became a ValueError naming
+    the backends that run it; 'auto' skips vmap and agrees with the loop."""
+    data, model = _data(), LastLSTMState().double()
+    sim = Simulator(model, data, MinibatchSGD(), SGD(0.1), n_workers=2, batch_size=4, backend="vmap")
+    with pytest.raises(ValueError, match=r"backend 'vmap' failed on LastLSTMState at its first step: .*\['vmap_grad', 'loop'\].*'auto'"):
+        sim.step()
+    runs = {}
+    for backend in ("auto", "loop"):
+        sim = Simulator(model, data, MinibatchSGD(), SGD(0.1), n_workers=2, batch_size=4, backend=backend)
+        sim.run(3, record_every=0)
+        runs[backend] = sim.params
+    torch.testing.assert_close(runs["auto"], runs["loop"], rtol=1e-9, atol=1e-11)
+
+
 def test_batchnorm_in_training_mode_is_refused_with_the_fix() -> None:
     data = _data()
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()

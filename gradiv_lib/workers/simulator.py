@@ -298,6 +298,8 @@ class Simulator:
         self.worker_chunk = worker_chunk
         self.engine_timings: dict[str, float] = {}
         self._engine: Engine | None = None if backend == "auto" else self._make_engine(backend, worker_chunk)
+        # an explicit batched backend is checked on its first step ('auto' tries its candidates, 'loop' is plain autograd)
+        self._engine_ran = backend in ("auto", "loop")
         self._comm = _StackedComm(mixing)
         self._workers = torch.arange(self.n_workers)
         self._chunk_start, self._chunk = -1, None
@@ -339,7 +341,19 @@ class Simulator:
                                                             eligible_engines(self.module))
             self.backend = self._engine.name
             self.worker_chunk = self._engine.chunk if isinstance(self._engine, ChunkedEngine) else None
-        grads, losses = self._engine(self.params, x, y)
+        if self._engine_ran:
+            grads, losses = self._engine(self.params, x, y)
+        else:
+            try:
+                grads, losses = self._engine(self.params, x, y)
+            except Exception as error:  # an explicit backend that cannot batch this model: name the way out
+                others = [name for name in eligible_engines(self.module) if name != self.backend]
+                raise ValueError(
+                    f"backend {self.backend!r} failed on {type(self.module).__name__} at its first step: "
+                    f"{type(error).__name__}: {error}. Choose another backend ({others}), or backend='auto', which "
+                    "times the eligible ones and skips those that cannot run the model"
+                ) from error
+            self._engine_ran = True
         if not bool(torch.isfinite(losses).all()):
             bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             raise FloatingPointError(f"non-finite loss at step {self.step_count} on workers {bad[:8]}: lower the learning "
