@@ -274,6 +274,36 @@ def test_stacked_clients_match_a_loop_over_model_copies(local, mu):
     assert ia["steps"] == ib["steps"] and np.allclose(ia["loss"], ib["loss"])
 
 
+def test_a_model_that_mixes_the_samples_of_a_batch_is_refused_by_the_stacked_backend():
+    """BatchNorm without running statistics normalises over the batch, and the stacked backend pads the clients'
+    batches to one size: its updates differed from the loop's, silently (2.8 % in the first round's loss in one check)."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(), nn.Linear(8, 3)).double()
+    f = _federation(model=model)
+    with pytest.raises(ValueError, match=r"depends on the other samples of its batch .* backend='loop'"):
+        f.local_updates(f.initial_params(), [0, 1], 0)
+    f.local_updates(f.initial_params(), [0, 1], 0, backend="loop")  # the reference runs it
+    f = _federation(model=model.eval())  # no running statistics: eval mode normalises over the batch too
+    assert f._mixes_samples
+    with_stats = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    assert not _federation(model=with_stats)._mixes_samples  # running statistics in eval mode: per sample
+
+
+def test_a_model_the_stacked_backend_cannot_batch_names_the_loop_backend():
+    class LastLSTMState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(1, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            out, _ = self.lstm(x.unsqueeze(-1))
+            return self.head(out[:, -1])
+
+    f = _federation(model=LastLSTMState().double())
+    with pytest.raises(ValueError, match=r"the stacked backend cannot run LastLSTMState .* use backend='loop'"):
+        f.local_updates(f.initial_params(), [0, 1], 0)
+    f.local_updates(f.initial_params(), [0, 1], 0, backend="loop")
+
+
 def test_vmap_forward_for_non_mlp_models():
     class Net(nn.Module):
         def __init__(self):

@@ -184,6 +184,29 @@ class Federation:
             self.client_ids = [int(i) for i in ids]
         self._bmm = bmm_layers(self.module)
         self._vforward = vmap(lambda p, xb: functional_call(self.module, p, (xb,)), randomness="different")
+        self._mixes_samples = self._forward_mixes_samples()
+        self._stacked_ran = False
+
+    def _forward_mixes_samples(self) -> bool:
+        """Whether the model's output for a sample depends on the other samples of its batch (BatchNorm without
+        running statistics, ``x - x.mean(0)``): the model on three samples and on the first two, in eval mode (no
+        dropout), compared on those two. The stacked backend pads the clients' batches to one size, which such a
+        model would see."""
+        if len(self.x) < 3:
+            return False
+        was_training = self.module.training
+        params = self.spec.as_dict(self.initial_params())
+        try:
+            self.module.eval()
+            with torch.no_grad():
+                three = functional_call(self.module, params, (self.x[:3],))
+                two = functional_call(self.module, params, (self.x[:2],))
+        finally:
+            self.module.train(was_training)
+        if not isinstance(three, Tensor) or not isinstance(two, Tensor) or three.shape[1:] != two.shape[1:]:
+            return False
+        tolerance = 1e-9 if three.dtype == torch.float64 else 1e-4
+        return float((three[:2] - two).abs().max()) > tolerance * (float(two.abs().max()) + 1e-30)
 
     @property
     def n_clients(self) -> int:
@@ -238,6 +261,19 @@ class Federation:
                 h = layer(h)
         return h
 
+    def _stacked_forward(self, flat: Tensor, x: Tensor) -> Tensor:
+        if self._stacked_ran:
+            return self._forward(flat, x)
+        try:
+            out = self._forward(flat, x)
+        except Exception as error:  # vmap cannot batch the model (a fused LSTM kernel): name the way out
+            raise ValueError(
+                f"the stacked backend cannot run {type(self.module).__name__} ({type(error).__name__}: {error}); "
+                "use backend='loop' (one model per client)"
+            ) from error
+        self._stacked_ran = True
+        return out
+
     def _per_sample_loss(self, out: Tensor, y: Tensor) -> Tensor:
         M, B = y.shape[:2]
         loss = self.loss_fn(out.reshape(M * B, *out.shape[2:]), y.reshape(M * B, *y.shape[2:]).to(
@@ -269,7 +305,9 @@ class Federation:
         the mean loss of each client's first batch, at the global parameters).
 
         ``backend="stacked"`` runs all clients at once (batched forward/backward over stacked parameters, the
-        shorter clients masked); ``"loop"`` is the reference: one model copy and ``torch.optim.SGD`` per client.
+        shorter clients masked; a model whose output for a sample depends on the rest of its batch, such as
+        BatchNorm without running statistics, is refused, since the padding would change it); ``"loop"`` is the
+        reference: one model copy and ``torch.optim.SGD`` per client.
         ``prox_mu`` adds FedProx's :math:`\frac\mu2\lVert w-x\rVert^2` to every client's loss.
         """
         clients = [int(c) for c in torch.as_tensor(clients).flatten().tolist()]
@@ -288,6 +326,13 @@ class Federation:
         lr = float(self.local.lr)
         if backend == "loop":
             return self._loop(x0, plans, lr, mu, info)
+        if self._mixes_samples:
+            raise ValueError(
+                f"{type(self.module).__name__}'s output for a sample depends on the other samples of its batch (BatchNorm "
+                "without running statistics, or an operation across the batch), and the stacked backend pads the "
+                "clients' batches to one size, which would change it; use backend='loop' (one model per client, exact), "
+                "or per-sample normalisation (GroupNorm, LayerNorm, BatchNorm in eval mode)"
+            )
         M = len(clients)
         X, Y, wts, active = self.stacked_batches(plans)
         T = X.shape[0]
@@ -295,7 +340,7 @@ class Federation:
         first_loss = None
         for t in range(T):
             leaf = v.detach().requires_grad_(True)
-            out = self._forward(leaf, X[t])
+            out = self._stacked_forward(leaf, X[t])
             losses = (self._per_sample_loss(out, Y[t]) * wts[t]).sum(1)
             (g,) = torch.autograd.grad(losses.sum(), leaf)
             if not bool(torch.isfinite(losses).all()):
