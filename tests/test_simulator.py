@@ -414,3 +414,13 @@ def test_regression_targets_that_would_broadcast_are_refused(loss_fn):
     sim = Simulator(nn.Linear(4, 1), (x, y[:, None]), MinibatchSGD(), 0.1, n_workers=2, batch_size=8, loss_fn=loss_fn)
     assert torch.isfinite(torch.as_tensor(sim.run(2)["loss"])).all()
 
+
+
+def test_per_sample_diversity_refuses_a_model_that_mixes_the_samples_of_a_batch() -> None:
+    """BatchNorm without running statistics: vmap over single samples normalised each sample by itself, and Δ
+    came out of gradients that are not the model's."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(), nn.Linear(8, 3)).double()
+    sim = Simulator(model.eval(), _data(), MinibatchSGD(), SGD(0.1), n_workers=2, batch_size=8)
+    with pytest.raises(ValueError, match=r"depends on the other samples of its batch .* worker_diversity\(\)"):
+        sim.per_sample_diversity()
+    sim.worker_diversity()  # whole-batch gradients: defined

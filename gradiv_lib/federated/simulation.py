@@ -23,7 +23,7 @@ from torch.func import functional_call, vmap
 from ..data import InMemoryData
 from ..norms.loss_scale import check_loss_shapes_on
 from ..results import save_checkpoint
-from ..workers._engines import FlatSpec, bmm_layers, sample_mixing_layers
+from ..workers._engines import FlatSpec, bmm_layers, forward_mixes_samples, sample_mixing_layers
 from ..workers.simulator import diversity_variants
 from ._checks import _check_real, _is_int
 from .servers import SERVERS, FedAWARE, Server, make_server
@@ -184,29 +184,9 @@ class Federation:
             self.client_ids = [int(i) for i in ids]
         self._bmm = bmm_layers(self.module)
         self._vforward = vmap(lambda p, xb: functional_call(self.module, p, (xb,)), randomness="different")
-        self._mixes_samples = self._forward_mixes_samples()
+        # the stacked backend pads the clients' batches to one size, which such a model would see
+        self._mixes_samples = forward_mixes_samples(self.module, self.spec.as_dict(self.initial_params()), self.x)
         self._stacked_ran = False
-
-    def _forward_mixes_samples(self) -> bool:
-        """Whether the model's output for a sample depends on the other samples of its batch (BatchNorm without
-        running statistics, ``x - x.mean(0)``): the model on three samples and on the first two, in eval mode (no
-        dropout), compared on those two. The stacked backend pads the clients' batches to one size, which such a
-        model would see."""
-        if len(self.x) < 3:
-            return False
-        was_training = self.module.training
-        params = self.spec.as_dict(self.initial_params())
-        try:
-            self.module.eval()
-            with torch.no_grad():
-                three = functional_call(self.module, params, (self.x[:3],))
-                two = functional_call(self.module, params, (self.x[:2],))
-        finally:
-            self.module.train(was_training)
-        if not isinstance(three, Tensor) or not isinstance(two, Tensor) or three.shape[1:] != two.shape[1:]:
-            return False
-        tolerance = 1e-9 if three.dtype == torch.float64 else 1e-4
-        return float((three[:2] - two).abs().max()) > tolerance * (float(two.abs().max()) + 1e-30)
 
     @property
     def n_clients(self) -> int:

@@ -263,6 +263,27 @@ def sample_mixing_layers(module: nn.Module) -> list[str]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
 
 
+def forward_mixes_samples(module: nn.Module, params: dict[str, Tensor], x: Tensor) -> bool:
+    """Whether ``module``'s output for a sample depends on the other samples of its batch (BatchNorm without
+    running statistics, ``x - x.mean(0)``): the model with ``params`` on the first three samples of ``x`` and on
+    the first two, in eval mode (no dropout), compared on those two (``False`` with fewer than three samples or
+    outputs that are not one tensor)."""
+    if len(x) < 3:
+        return False
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            three = functional_call(module, params, (x[:3],))
+            two = functional_call(module, params, (x[:2],))
+    finally:
+        module.train(was_training)
+    if not isinstance(three, Tensor) or not isinstance(two, Tensor) or three.shape[1:] != two.shape[1:]:
+        return False
+    tolerance = 1e-9 if three.dtype == torch.float64 else 1e-4
+    return float((three[:2] - two).abs().max()) > tolerance * (float(two.abs().max()) + 1e-30)
+
+
 def eligible_engines(module: nn.Module) -> list[str]:
     """Engines that can run ``module``: ``bmm`` for MLP families, then ``vmap``, ``vmap_grad``, ``loop``."""
     names = ["bmm"] if bmm_layers(module) is not None else []

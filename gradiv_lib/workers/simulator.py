@@ -36,7 +36,8 @@ from torch.func import functional_call, stack_module_state
 from ..data import InMemoryData, partition_iid
 from ..diversity import DiversityResult, diversity_from_grads
 from ..norms.loss_scale import check_loss_shapes_on
-from ._engines import ENGINES, ChunkedEngine, Engine, FlatSpec, eligible_engines, make_engine, per_sample_grads, pick_engine, sample_mixing_layers
+from ._engines import (ENGINES, ChunkedEngine, Engine, FlatSpec, eligible_engines, forward_mixes_samples, make_engine, per_sample_grads,
+                       pick_engine, sample_mixing_layers)
 from .algorithms import DSGD, SGD, LocalSGD, MinibatchSGD, ShardSampler, check_algorithm, sgd_update
 from .topology import Topology
 
@@ -485,6 +486,12 @@ class Simulator:
         """Yin's :math:`\\Delta` of each worker's next mini-batch at its current parameters (no state changes),
         from materialised per-sample gradients (memory :math:`K\\cdot B\\cdot P`)."""
         x, y = self._batch(self.step_count)
+        if forward_mixes_samples(self.module, self.spec.as_dict(self.params[0].detach()), x[0]):
+            raise ValueError(
+                f"{type(self.module).__name__}'s output for a sample depends on the other samples of its batch "
+                "(BatchNorm without running statistics, or an operation across the batch), so per-sample gradients "
+                "are undefined; worker_diversity() compares whole-batch gradients and needs no per-sample ones"
+            )
         grads = per_sample_grads(self.module, self.loss_fn, self.spec, self.params, x, y)
         return [diversity_from_grads(g) for g in grads]
 
