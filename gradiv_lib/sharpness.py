@@ -25,7 +25,8 @@ Curvature: :func:`hessian_top_eigenvalue` runs power iteration on Hessian-vector
 :func:`hutchinson_trace` estimates :math:`\operatorname{tr}\nabla^2L = \mathbb E[v^\top\nabla^2L\,v]` with
 Rademacher :math:`v`. Flat vectors follow the order of the model's trainable ``named_parameters()``, the order of
 :class:`gradiv_lib.workers.Simulator`'s rows. ``loss_fn`` must average over the samples (``reduction="mean"``);
-``batch_size`` splits the data into chunks whose losses are averaged with their sizes as weights.
+``batch_size`` splits the data into chunks whose losses are averaged with their sizes as weights (exact for a
+mean only: a summed or class-weighted loss is refused when ``batch_size`` splits the data).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .norms.loss_scale import check_loss_shapes_on
+from .norms.loss_scale import batch_loss_factor, check_loss_shapes_on
 from .workers._engines import FlatSpec
 
 __all__ = [
@@ -84,7 +85,24 @@ def _check_inputs(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Te
     if batch_size is not None:
         _check_positive_int(batch_size, "batch_size")
     check_loss_shapes_on(loss_fn, model, inputs[:2], targets[:2])  # (B, 1) outputs against (B,) targets
+    if batch_size is not None and batch_size < inputs.shape[0]:
+        _check_mean_loss(model, loss_fn, inputs[:8], targets[:8])
     return FlatSpec(model)
+
+
+def _check_mean_loss(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:
+    """Chunks of the data are weighted by their share of the samples, which is exact for a mean over samples only."""
+    with torch.no_grad():
+        outputs = model(inputs)
+        try:
+            factor = batch_loss_factor(loss_fn, outputs, targets, loss_fn(outputs, targets))
+        except ValueError as error:
+            raise ValueError(f"batch_size splits the data into chunks weighted by their share of the samples, which "
+                             f"needs a loss_fn that is the mean over the samples: {error}") from error
+    if factor != inputs.shape[0]:
+        raise ValueError("loss_fn sums over the samples, but batch_size splits the data into chunks weighted by their "
+                         "share of the samples, which needs the mean (reduction='mean'); with a sum the result would "
+                         "depend on batch_size")
 
 
 def _chunks(n: int, batch_size: int | None) -> list[tuple[int, int]]:

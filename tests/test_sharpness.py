@@ -209,3 +209,22 @@ def test_regression_targets_that_would_broadcast_are_refused():
         hessian_top_eigenvalue(nn.Linear(4, 1), nn.MSELoss(), x, y, iters=3)
     assert hessian_top_eigenvalue(nn.Linear(4, 1), nn.MSELoss(), x, y[:, None], iters=3).eigenvalue > 0
 
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(reduction="sum"),
+                                     nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))],
+                         ids=["sum", "class_weighted"])
+def test_chunking_refuses_a_loss_that_is_not_a_mean_over_samples(loss_fn) -> None:
+    """Chunks are weighted by their share of the samples: a summed loss gave a gradient 0.66 off and a top
+    eigenvalue of 4.0 instead of 11.5 with batch_size=4, silently. Unchunked, any loss is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match=r"batch_size splits the data .* mean"):
+        flat_gradient(model, loss_fn, x, y, batch_size=4)
+    with pytest.raises(ValueError, match=r"batch_size splits the data .* mean"):
+        hessian_top_eigenvalue(model, loss_fn, x, y, batch_size=4)
+    flat_gradient(model, loss_fn, x, y)
+    flat_gradient(model, loss_fn, x, y, batch_size=10)  # one chunk: no weighting
+    mean = nn.CrossEntropyLoss()
+    torch.testing.assert_close(flat_gradient(model, mean, x, y, batch_size=4), flat_gradient(model, mean, x, y))
