@@ -1061,3 +1061,83 @@ def test_a_gradient_penalty_is_refused_as_a_second_backward_pass() -> None:
             (input_grad,) = torch.autograd.grad(loss, x, create_graph=True)
             (loss + input_grad.square().sum()).backward()
         meter.sq_norms
+
+
+class PrunableNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.conv, self.head = nn.Linear(5, 4), nn.Conv1d(1, 2, 3), nn.Linear(4 + 2 * 3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.cat([torch.tanh(self.a(x)), self.conv(x.unsqueeze(1)).flatten(1)], 1))
+
+
+def _reparametrised(kind: str) -> nn.Module:
+    """Layers whose weight a forward pre-hook computes from other parameters."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = PrunableNet()
+    if kind == "pruned":
+        prune.l1_unstructured(model.a, "weight", amount=0.5)
+        prune.random_unstructured(model.conv, "weight", amount=0.5)
+    elif kind == "legacy_weight_norm":
+        torch.nn.utils.weight_norm(model.a)
+    elif kind == "legacy_spectral_norm":
+        torch.nn.utils.spectral_norm(model.conv)
+    return model.double()
+
+
+@pytest.mark.parametrize("kind", ["pruned", "legacy_weight_norm", "legacy_spectral_norm"])
+def test_layers_whose_weight_a_pre_hook_computes_from_other_parameters(kind: str) -> None:
+    """The rules took the computed weight for the parameter: pruning and the legacy weight_norm raised KeyError
+    ('weight_orig', 'weight_g'); the legacy spectral_norm gave norms 3-20 % off, silently. Such layers now take
+    the fallback, whose recomputation keeps the weight-computing pre-hook (and puts back the weight it sets)."""
+    model = _reparametrised(kind)
+    x, y, loss_fn = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+    # each forward of the spectral norm in training mode refines u and v: the reference is taken before each call
+    expected = reference_sq_norms(model, loss_fn, x, y)
+    assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y), expected, 1e-10)
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        expected = reference_sq_norms(model, loss_fn, x, y)
+        model.zero_grad(set_to_none=True)
+        with meter:
+            loss_fn(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+    for module in model.modules():  # the attribute the hook sets is the model's own, not a torch.func wrapper
+        if "weight" in module.__dict__:
+            assert not torch._C._functorch.is_functorch_wrapped_tensor(module.__dict__["weight"])
+
+
+def test_a_legacy_spectral_norm_trains_as_without_the_meter() -> None:
+    """Its power iteration updates u and v in a pre-hook, before the engine's buffer snapshot unless that runs first."""
+    measured, plain = _reparametrised("legacy_spectral_norm"), _reparametrised("legacy_spectral_norm")
+    x, y, loss_fn = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+    meter = DiversityMeter(measured)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (measured, plain)]
+    for _ in range(3):
+        expected = reference_sq_norms(measured, loss_fn, x, y)
+        for model, optimizer in zip((measured, plain), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            with meter if model is measured else contextlib.nullcontext():
+                loss_fn(model(x), y).backward()
+            optimizer.step()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+    for (name, a), b in zip(measured.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_pruning_after_the_meter_was_built_is_refused() -> None:
+    import torch.nn.utils.prune as prune
+
+    model = PrunableNet().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    with meter:
+        F.cross_entropy(model(x), y).backward()
+    prune.l1_unstructured(model.a, "weight", amount=0.5)  # the same Parameter, renamed weight_orig
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"added \['a.weight_orig'\]; removed \['a.weight'\] .* pruned"):
+        with meter:
+            F.cross_entropy(model(x), y).backward()

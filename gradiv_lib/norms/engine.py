@@ -176,6 +176,10 @@ def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
+_RULE_PARAMETER_NAMES = frozenset({"weight", "bias"})
+"""The parameters a layer rule differentiates; a rule layer with others goes to the fallback."""
+
+
 def _plan_layers(model: nn.Module) -> list[_Layer]:
     """Assign every trainable parameter to the module that will report its per-sample gradients."""
     layers: list[_Layer] = []
@@ -194,6 +198,11 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
             )
         rule = LAYER_RULES.get(type(module))
         direct = _trainable_direct_params(module)
+        if rule is not None and not set(module._parameters) <= _RULE_PARAMETER_NAMES:
+            # the weight is computed from other parameters by a forward pre-hook (torch.nn.utils.prune's
+            # weight_orig, the legacy weight_norm's weight_g / weight_v, the legacy spectral_norm's weight_orig):
+            # the rule would give the per-sample gradients of the computed weight, not of the parameters
+            rule = None
         if isinstance(module, nn.Embedding) and module.scale_grad_by_freq and direct:
             raise ValueError(
                 f"Embedding '{path or '<model>'}' has scale_grad_by_freq=True, which divides each token's gradient "
@@ -421,7 +430,8 @@ class PerSampleNormEngine:
             handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=True) for module, hook, with_kwargs in self._layer_hooks]
             handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
             handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
-            handles += [module.register_forward_pre_hook(hook) for module, hook in self._buffer_snapshot_hooks]
+            # first: before a pre-hook that updates buffers too (the legacy spectral_norm's power iteration)
+            handles += [module.register_forward_pre_hook(hook, prepend=True) for module, hook in self._buffer_snapshot_hooks]
             self._handles = handles
         if not self._reading and not self._parameter_handles:
             self._parameter_handles = [p.register_hook(hook) for p, hook in self._parameter_hooks]
@@ -452,8 +462,8 @@ class PerSampleNormEngine:
         self._structure_ids = [(tuple(map(id, children)), tuple(map(id, params))) for _, children, params in self._structure]
 
     def _check_structure(self) -> None:
-        """Raise if a parameter or a BatchNorm layer was added, replaced or removed since the hooks were
-        planned (a new layer has no hooks: its gradients would be left out of Δ silently). One identity
+        """Raise if a parameter or a BatchNorm layer was added, replaced, renamed or removed since the hooks
+        were planned (a new layer has no hooks: its gradients would be left out of Δ silently). One identity
         comparison per module and step; a change of parameter-free modules only (ReLU for GELU) is accepted."""
         for (module, _, _), (children, params) in zip(self._structure, self._structure_ids):
             if tuple(map(id, module._modules.values())) != children or tuple(map(id, module._parameters.values())) != params:
@@ -461,18 +471,20 @@ class PerSampleNormEngine:
         else:
             return
         now = self._members(self._model)
-        if all(a.keys() == b.keys() for a, b in zip(now, self._planned_members)):  # the same objects, perhaps moved
+        if now == self._planned_members:  # the same parameters and norm layers under the same names
             self._remember_structure()
             return
+        # a parameter under a new name counts as removed and added: torch.nn.utils.prune renames weight to
+        # weight_orig and computes weight in a forward pre-hook, which the planned rule would not see
         (planned_params, planned_norms), (params, norms) = self._planned_members, now
-        added = [name for pid, name in params.items() if pid not in planned_params]
-        added += [f"{path} (BatchNorm)" for mid, path in norms.items() if mid not in planned_norms]
-        removed = [name for pid, name in planned_params.items() if pid not in params]
-        removed += [f"{path} (BatchNorm)" for mid, path in planned_norms.items() if mid not in norms]
+        added = [name for pid, name in params.items() if planned_params.get(pid) != name]
+        added += [f"{path} (BatchNorm)" for mid, path in norms.items() if planned_norms.get(mid) != path]
+        removed = [name for pid, name in planned_params.items() if params.get(pid) != name]
+        removed += [f"{path} (BatchNorm)" for mid, path in planned_norms.items() if norms.get(mid) != path]
         raise ValueError(
             f"the model changed after this meter was built: {'added ' + str(added) if added else ''}"
             f"{'; ' if added and removed else ''}{'removed ' + str(removed) if removed else ''} (a layer replaced or added, "
-            "or a parameter reassigned). The meter plans its hooks for the model as it was built and would leave "
+            "a parameter reassigned, or pruned with torch.nn.utils.prune). The meter plans its hooks for the model as it was built and would leave "
             "new parameters out; build a new meter after changing the model."
         )
 

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 _warned_layer_types: set[type[nn.Module]] = set()
@@ -57,19 +60,35 @@ _OWN_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_for
 """The hook tables of a module's own ``__call__`` (its submodules keep theirs)."""
 
 
+def _computes_a_parameter(hook: Any) -> str | None:
+    """The attribute a forward pre-hook computes from the module's parameters (pruning's masked weight, the
+    legacy ``weight_norm`` and ``spectral_norm``), or ``None`` for any other hook."""
+    if isinstance(hook, BasePruningMethod):
+        return hook._tensor_name
+    if isinstance(hook, (_LegacyWeightNorm, _LegacySpectralNorm)):
+        return hook.name
+    return None
+
+
 @contextlib.contextmanager
 def _own_hooks_off(module: nn.Module) -> Iterator[None]:
     """The module's own forward (pre-)hooks switched off: the saved inputs are what its forward received
     (after the pre-hooks) and the output gradients are those at what its forward returned (the engine's
-    hook runs first, before a user's hook replaces the output), so the recomputation is the bare forward."""
+    hook runs first, before a user's hook replaces the output), so the recomputation is the bare forward.
+    Pre-hooks that compute a weight from the parameters (``_computes_a_parameter``) stay on, since they are
+    part of the forward, and the attribute they set is put back afterwards."""
     saved = {name: getattr(module, name) for name in _OWN_HOOK_DICTS if hasattr(module, name)}
+    kept = OrderedDict((key, hook) for key, hook in module._forward_pre_hooks.items() if _computes_a_parameter(hook))
+    computed = {name: module.__dict__[name] for name in map(_computes_a_parameter, kept.values()) if name in module.__dict__}
     try:
         for name in saved:
             object.__setattr__(module, name, OrderedDict())
+        object.__setattr__(module, "_forward_pre_hooks", kept)
         yield
     finally:
         for name, table in saved.items():
             object.__setattr__(module, name, table)
+        module.__dict__.update(computed)
 
 
 def fallback_per_sample_grads(
