@@ -1141,3 +1141,23 @@ def test_pruning_after_the_meter_was_built_is_refused() -> None:
     with pytest.raises(ValueError, match=r"added \['a.weight_orig'\]; removed \['a.weight'\] .* pruned"):
         with meter:
             F.cross_entropy(model(x), y).backward()
+
+
+class ReplacedForward(nn.Module):
+    """A Linear whose instance forward was replaced (a patch, a monkey-patched adapter): the rule's formula is
+    not the layer's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+        layer = self.a
+        self.a.forward = lambda x: F.linear(x, 2 * layer.weight, layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+def test_a_layer_whose_instance_forward_was_replaced_takes_the_fallback(check_mode: str) -> None:
+    """Refused by the gradient check, and with check='off' 1.6 (absolute) off, silently."""
+    check_function_and_meter(ReplacedForward().double(), torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)), check_mode)

@@ -198,10 +198,10 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
             )
         rule = LAYER_RULES.get(type(module))
         direct = _trainable_direct_params(module)
-        if rule is not None and not set(module._parameters) <= _RULE_PARAMETER_NAMES:
+        if rule is not None and (not set(module._parameters) <= _RULE_PARAMETER_NAMES or "forward" in module.__dict__):
             # the weight is computed from other parameters by a forward pre-hook (torch.nn.utils.prune's
-            # weight_orig, the legacy weight_norm's weight_g / weight_v, the legacy spectral_norm's weight_orig):
-            # the rule would give the per-sample gradients of the computed weight, not of the parameters
+            # weight_orig, the legacy weight_norm's weight_g / weight_v, the legacy spectral_norm's weight_orig),
+            # or the instance's forward was replaced: the rule's formula would not be the layer's
             rule = None
         if isinstance(module, nn.Embedding) and module.scale_grad_by_freq and direct:
             raise ValueError(

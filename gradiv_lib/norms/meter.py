@@ -65,9 +65,9 @@ class DiversityMeter:
     ----------
     model
         Batch-first network whose layers treat samples independently (BatchNorm in eval mode). The hooks
-        are planned for the model as it is now: a layer or parameter added, replaced or unfrozen later is
-        refused at the next measurement (build a new meter); freezing parameters, or swapping a
-        parameter-free module such as the activation, is fine.
+        are planned for the model as it is now: a layer or parameter added, replaced, renamed (pruning) or
+        unfrozen later is refused at the next measurement (build a new meter); freezing parameters, or
+        swapping a parameter-free module such as the activation, is fine.
     loss_reduction
         How the loss that is back-propagated reduces the per-sample losses: ``"mean"``
         (:math:`\\tfrac1B\\sum_i\\ell_i`, the ``torch.nn`` default) or ``"sum"``.
