@@ -304,6 +304,18 @@ def test_a_model_the_stacked_backend_cannot_batch_names_the_loop_backend():
     f.local_updates(f.initial_params(), [0, 1], 0, backend="loop")
 
 
+def test_stacked_clients_of_an_mlp_with_a_users_output_hook_match_the_loop():
+    """The stacked clients' bmm forward skipped the hook (0.09 off the loop's updates, silently); such a model now
+    takes the vmap forward."""
+    model = mlp(6, 8, 2, 3, seed=0).double()
+    next(m for m in model if isinstance(m, nn.Linear)).register_forward_hook(lambda module, args, out: 3 * out)
+    f = _federation(model=model)
+    assert f._bmm is None
+    a, _ = f.local_updates(f.initial_params(), [1, 2], 0)
+    b, _ = f.local_updates(f.initial_params(), [1, 2], 0, backend="loop")
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 def test_vmap_forward_for_non_mlp_models():
     class Net(nn.Module):
         def __init__(self):

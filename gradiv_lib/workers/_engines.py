@@ -159,12 +159,26 @@ class VmapGradEngine(Engine):
         return grads, losses.detach()
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _runs_more_than_its_class(module: nn.Module) -> bool:
+    """Whether a call of ``module`` does more than its class's forward on its own parameters: forward or
+    backward hooks (a user's output hook, torch.nn.utils.prune's masked weight), an instance ``forward``, or
+    parameters other than ``weight`` / ``bias`` (the legacy weight_norm's ``weight_g``); the bmm engine, which
+    reads the weights and applies the layers itself, would skip all of that."""
+    return (any(getattr(module, table, None) for table in _HOOK_TABLES) or "forward" in module.__dict__
+            or not set(module._parameters) <= {"weight", "bias"})
+
+
 def bmm_layers(module: nn.Module) -> list[nn.Module] | None:
     """The layers of an MLP-family ``Sequential`` (optional leading ``Flatten``, ``Linear``, elementwise
     activations), or ``None`` when ``module`` is anything else."""
     if type(module) is not nn.Sequential:
         return None
     layers = list(module)
+    if any(_runs_more_than_its_class(m) for m in (module, *layers)):
+        return None
     ok = False
     for i, layer in enumerate(layers):
         if type(layer) is nn.Flatten:
