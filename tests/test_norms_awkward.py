@@ -1161,3 +1161,28 @@ class ReplacedForward(nn.Module):
 def test_a_layer_whose_instance_forward_was_replaced_takes_the_fallback(check_mode: str) -> None:
     """Refused by the gradient check, and with check='off' 1.6 (absolute) off, silently."""
     check_function_and_meter(ReplacedForward().double(), torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)), check_mode)
+
+
+class Symmetric(nn.Module):
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.triu() + weight.triu(1).transpose(-1, -2)
+
+
+def test_a_parametrised_layer_measured_under_parametrize_cached() -> None:
+    """Under parametrize.cached() the fallback's recomputation read the weight cached from the real parameters,
+    so the per-sample gradients of those parameters came out zero: 40 % off, silently, once the model's first
+    call (without the cache) had passed the gradient check."""
+    import torch.nn.utils.parametrize as parametrize
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    x, y, loss_fn = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+    expected = reference_sq_norms(model, loss_fn, x, y)
+    meter = DiversityMeter(model)
+    for cached in (False, True, True):
+        model.zero_grad(set_to_none=True)
+        with parametrize.cached() if cached else contextlib.nullcontext(), meter:
+            loss_fn(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+    with parametrize.cached():
+        assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check="off"), expected, 1e-10)

@@ -91,6 +91,21 @@ def _own_hooks_off(module: nn.Module) -> Iterator[None]:
         module.__dict__.update(computed)
 
 
+@contextlib.contextmanager
+def _parametrization_cache_off() -> Iterator[None]:
+    """``torch.nn.utils.parametrize.cached()`` switched off: under it a parametrised weight is the one computed
+    from the real parameters at its first use, so the recomputation's would not depend on the parameters it
+    differentiates (their per-sample gradients came out zero)."""
+    from torch.nn.utils import parametrize
+
+    enabled = getattr(parametrize, "_cache_enabled", 0)
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
+
+
 def fallback_per_sample_grads(
     module: nn.Module,
     path: str,
@@ -136,7 +151,7 @@ def fallback_per_sample_grads(
         for (i, _), leaf in zip(batched, sample_leaves):
             call_leaves[i] = leaf
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
-        with _own_hooks_off(module):
+        with _own_hooks_off(module), _parametrization_cache_off():
             # fresh copies per call: a forward that updates its buffers in place must not see an earlier sample's update
             state = {name: b.clone() for name, b in buffers.items()}
             flat, _ = tree_flatten(functional_call(module, {**state, **theta}, call_args, call_kwargs))
