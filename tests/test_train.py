@@ -317,6 +317,37 @@ def test_measuring_meter_follows_parameters_frozen_and_unfrozen_between_epochs(b
     assert abs(head_only.diversity / all_params.diversity - 1) > 1e-3  # the two sets give different numbers
 
 
+@pytest.mark.parametrize("change", ["add_frozen_layer", "prune"])
+def test_measuring_meter_follows_layers_added_or_pruned_between_epochs(blobs, change):
+    """on_epoch_end adds a frozen layer (the trainable parameters stay the same, which is all train() compared:
+    the kept meter then refused the changed model mid-run) or prunes one (weight renamed weight_orig): a new
+    meter is built, and the run ends bit for bit where the unmeasured run does."""
+    import torch.nn.utils.prune as prune
+
+    train_data, _ = blobs
+
+    def grow_or_prune(epoch, model, history):
+        if epoch != 0:
+            return
+        if change == "prune":
+            prune.l1_unstructured(model[1], "weight", amount=0.5)
+        else:
+            torch.manual_seed(5)
+            extra = nn.Linear(model[1].out_features, model[1].out_features).requires_grad_(False)
+            model[2] = nn.Sequential(model[2], extra)
+
+    runs = []
+    for measure in (True, False):
+        model = net()
+        history = train(model, train_data, schedule=8, epochs=3, lr=0.1, measure_diversity=measure,
+                        on_epoch_end=grow_or_prune, progress=False)
+        runs.append((model, history))
+    (measured, history), (plain, _) = runs
+    assert all(math.isfinite(d) for d in history.diversity)
+    for (name, a), b in zip(measured.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_measuring_changes_no_weight_bit_for_bit_with_convolutions(monkeypatch):
     """train(measure_diversity=True) keeps autograd's weight gradients (the meter's exact_grad=True): the
     same run with and without the measurement ends with identical weights, convolutions included (with the

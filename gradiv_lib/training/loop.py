@@ -434,7 +434,10 @@ def train(
                     raise ValueError(f"epoch {epoch}: the model has no trainable parameters left (on_epoch_end froze them all)")
                 meter = None
                 if measure and not batch_norms:
-                    trainable = tuple(id(p) for p in params)
+                    # the meter's plan holds while every parameter (trainable or not, by name) and BatchNorm layer
+                    # is the same: on_epoch_end may freeze, unfreeze, prune, replace or add layers
+                    trainable = (tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters()),
+                                 tuple(id(m) for m in model.modules() if isinstance(m, _BatchNorm)))
                     if kept_meter is None or kept_for != trainable:
                         # exact_grad: autograd's own weight gradients, so a run that measures is bit for bit
                         # the run that does not (and the same on every rerun: the meter's fused layers
