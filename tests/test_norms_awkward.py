@@ -1186,3 +1186,25 @@ def test_a_parametrised_layer_measured_under_parametrize_cached() -> None:
         assert_norms_close(meter.sq_norms, expected, 1e-10)
     with parametrize.cached():
         assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check="off"), expected, 1e-10)
+
+
+class CentreBatch(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("meter_after", ["same", "new"])
+def test_a_parameter_free_module_swapped_for_one_that_mixes_samples_is_probed_again(meter_after: str) -> None:
+    """The probe's layout (and its passed gradient check) was cached per model and call signature, so after a
+    verified call an activation swapped for x - x.mean(0) was measured silently, by the same meter or a new one."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    with meter:
+        F.cross_entropy(model(x), y).backward()
+    model[1] = CentreBatch()
+    meter = meter if meter_after == "same" else DiversityMeter(model)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples"):
+        with meter:
+            F.cross_entropy(model(x), y).backward()

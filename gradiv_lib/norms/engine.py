@@ -460,6 +460,8 @@ class PerSampleNormEngine:
         # snapshot cannot be reused by a module or parameter created later
         self._structure = [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in self._model.modules()]
         self._structure_ids = [(tuple(map(id, children)), tuple(map(id, params))) for _, children, params in self._structure]
+        # which modules, of which types: a parameter-free module swapped for one that mixes samples needs a new probe
+        self._structure_token = tuple((id(m), type(m)) for m, _, _ in self._structure)
 
     def _check_structure(self) -> None:
         """Raise if a parameter or a BatchNorm layer was added, replaced, renamed or removed since the hooks
@@ -555,7 +557,8 @@ class PerSampleNormEngine:
         self._root = _RootCall({layer.path: layer.calls for layer in self._layers} if self._layer_calls_seen() else {})
         if self._check == "off":
             return
-        self._signature = self._call_signature(module, args, kwargs, plain_call)
+        # the module tree is part of it: a cached layout (and its passed gradient check) is for the tree it saw
+        self._signature = (self._structure_token, self._call_signature(module, args, kwargs, plain_call))
         if self._check == "first_call":
             self._root.layout = batch_axes._LAYOUTS.get(module, {}).get(self._signature)
             if self._root.layout is not None and self._root.layout.grads_verified:
