@@ -425,7 +425,7 @@ def train(
                 epoch_lr, epoch_lr_scale = float(opt.param_groups[0]["lr"]), schedule.lr_scale
                 model.train()
                 # one BatchNorm scan per epoch, not per step; one meter (hooks planned once) for as long as the
-                # trainable parameters stay the same (on_epoch_end may freeze or unfreeze some)
+                # parameters and norm layers stay the same (on_epoch_end may change them)
                 batch_norms = _train_batch_norms(model) if measure else []
                 # the parameters trainable in this epoch: the measurement (and the gradient exchange between
                 # processes) covers exactly these, even if on_epoch_end froze or unfroze some
@@ -436,15 +436,15 @@ def train(
                 if measure and not batch_norms:
                     # the meter's plan holds while every parameter (trainable or not, by name) and BatchNorm layer
                     # is the same: on_epoch_end may freeze, unfreeze, prune, replace or add layers
-                    trainable = (tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters()),
-                                 tuple(id(m) for m in model.modules() if isinstance(m, _BatchNorm)))
-                    if kept_meter is None or kept_for != trainable:
+                    plan_key = (tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters()),
+                                tuple(id(m) for m in model.modules() if isinstance(m, _BatchNorm)))
+                    if kept_meter is None or kept_for != plan_key:
                         # exact_grad: autograd's own weight gradients, so a run that measures is bit for bit
                         # the run that does not (and the same on every rerun: the meter's fused layers
                         # are chosen by timing and equal autograd's only to rounding, which training amplifies)
                         # sq_norm_of_sum=False: the loop sums the gradients itself (the epoch accumulator)
                         kept_meter = DiversityMeter(model, loss_reduction=reduction, exact_grad=True, sq_norm_of_sum=False)
-                        kept_for = trainable
+                        kept_for = plan_key
                     meter = kept_meter.hold()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
