@@ -970,14 +970,21 @@ class SpectralConv(nn.Module):
 def test_a_fallback_layer_that_updates_its_buffers_in_its_forward_is_recomputed_from_their_old_values() -> None:
     """The recomputation ran the power iteration a second time, from the updated u and v: the norms came out
     1e-5 off (float64) from the second step on, silently. The training state is the unmeasured run's."""
-    x, y, loss_fn = torch.randn(6, 2, 8, dtype=torch.float64), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
+    x, y = torch.randn(6, 2, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
     measured = SpectralConv().double()
     plain = SpectralConv().double()
     plain.load_state_dict(measured.state_dict())
+    check_measured_training_is_plain_training(measured, plain, x, y)
+
+
+def check_measured_training_is_plain_training(measured: nn.Module, plain: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Three SGD steps of two copies, one inside a meter: its norms equal torch.func's at every step (taken before
+    the step: a forward that updates buffers changes them), and both copies end bit for bit the same."""
+    loss_fn = nn.CrossEntropyLoss()
     meter = DiversityMeter(measured)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (measured, plain)]
     for _ in range(3):
-        expected = reference_sq_norms(measured, loss_fn, x, y)  # u and v as the measured forward starts
+        expected = reference_sq_norms(measured, loss_fn, x, y)
         for model, optimizer in zip((measured, plain), optimizers):
             optimizer.zero_grad(set_to_none=True)
             with meter if model is measured else contextlib.nullcontext():
@@ -1113,19 +1120,7 @@ def test_layers_whose_weight_a_pre_hook_computes_from_other_parameters(kind: str
 def test_a_legacy_spectral_norm_trains_as_without_the_meter() -> None:
     """Its power iteration updates u and v in a pre-hook, before the engine's buffer snapshot unless that runs first."""
     measured, plain = _reparametrised("legacy_spectral_norm"), _reparametrised("legacy_spectral_norm")
-    x, y, loss_fn = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss()
-    meter = DiversityMeter(measured)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (measured, plain)]
-    for _ in range(3):
-        expected = reference_sq_norms(measured, loss_fn, x, y)
-        for model, optimizer in zip((measured, plain), optimizers):
-            optimizer.zero_grad(set_to_none=True)
-            with meter if model is measured else contextlib.nullcontext():
-                loss_fn(model(x), y).backward()
-            optimizer.step()
-        assert_norms_close(meter.sq_norms, expected, 1e-10)
-    for (name, a), b in zip(measured.state_dict().items(), plain.state_dict().values()):
-        assert torch.equal(a, b), name
+    check_measured_training_is_plain_training(measured, plain, torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
 
 
 def test_pruning_after_the_meter_was_built_is_refused() -> None:
