@@ -1041,7 +1041,10 @@ def test_a_model_changed_after_the_meter_was_built_is_refused(change: str) -> No
         F.cross_entropy(model(x), y).backward()
     _changes()[change](model)
     model.zero_grad(set_to_none=True)
-    with pytest.raises(ValueError, match=r"the model changed after this meter was built: .*build a new meter"):
+    named = {"replace_head": r"added \['2.weight', '2.bias'\]; removed \['2.weight', '2.bias'\]",
+             "reassign_weight": r"added \['2.weight'\]; removed \['2.weight'\]",
+             "add_layer": r"added \['3.weight', '3.bias'\] \(", "insert_batch_norm": r"added \['1 \(BatchNorm\)'\] \("}[change]
+    with pytest.raises(ValueError, match=rf"the model changed after this meter was built: {named}.*build a new meter"):
         with meter:
             F.cross_entropy(model(x), y).backward()
 
@@ -1203,3 +1206,17 @@ def test_a_parameter_free_module_swapped_for_one_that_mixes_samples_is_probed_ag
     with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples"):
         with meter:
             F.cross_entropy(model(x), y).backward()
+
+
+def test_a_measurement_without_a_backward_pass_after_accumulated_gradients() -> None:
+    """.grad already holds gradients (the meter then hooks every parameter) and no backward pass runs: 'no
+    gradient reached', not the refusal of parameters used outside their modules, which reads .grad only when it
+    was empty before the pass."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    F.cross_entropy(model(x), y).backward()
+    meter = DiversityMeter(model)
+    with meter:
+        model(x)
+    with pytest.raises(RuntimeError, match="no gradient reached the model's trainable parameters"):
+        meter.sq_norms
