@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .norms.loss_scale import batch_loss_factor, check_loss_shapes_on
+from .norms.loss_scale import batch_loss_factor_on, check_loss_shapes_on
 from .workers._engines import FlatSpec
 
 __all__ = [
@@ -92,13 +92,11 @@ def _check_inputs(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Te
 
 def _check_mean_loss(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:
     """Chunks of the data are weighted by their share of the samples, which is exact for a mean over samples only."""
-    with torch.no_grad():
-        outputs = model(inputs)
-        try:
-            factor = batch_loss_factor(loss_fn, outputs, targets, loss_fn(outputs, targets))
-        except ValueError as error:
-            raise ValueError(f"batch_size splits the data into chunks weighted by their share of the samples, which "
-                             f"needs a loss_fn that is the mean over the samples: {error}") from error
+    try:
+        factor = batch_loss_factor_on(loss_fn, model, inputs, targets)
+    except ValueError as error:
+        raise ValueError(f"batch_size splits the data into chunks weighted by their share of the samples, which "
+                         f"needs a loss_fn that is the mean over the samples: {error}") from error
     if factor != inputs.shape[0]:
         raise ValueError("loss_fn sums over the samples, but batch_size splits the data into chunks weighted by their "
                          "share of the samples, which needs the mean (reduction='mean'); with a sum the result would "

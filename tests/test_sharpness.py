@@ -228,3 +228,16 @@ def test_chunking_refuses_a_loss_that_is_not_a_mean_over_samples(loss_fn) -> Non
     flat_gradient(model, loss_fn, x, y, batch_size=10)  # one chunk: no weighting
     mean = nn.CrossEntropyLoss()
     torch.testing.assert_close(flat_gradient(model, mean, x, y, batch_size=4), flat_gradient(model, mean, x, y))
+
+
+def test_the_chunking_check_leaves_batchnorm_statistics_alone() -> None:
+    """The mean-loss check runs the model on a few samples in eval mode: it used training mode and moved the
+    running statistics once per call (the function's own passes are another matter: those are the user's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double().train()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    from gradiv_lib.sharpness import _check_inputs
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _check_inputs(model, nn.CrossEntropyLoss(), x, y, 4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training

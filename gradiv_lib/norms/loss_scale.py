@@ -74,18 +74,30 @@ def check_loss_shapes(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> None
         )
 
 
-def check_loss_shapes_on(loss_fn: LossFn, model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
-    """:func:`check_loss_shapes` on ``model(inputs)``, run in eval mode without gradients (for a
-    training loop to call once, on a few samples, before it starts); nothing is run for other losses."""
-    if not _is_elementwise(loss_fn):
-        return
+def _eval_outputs(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``model(inputs)`` in eval mode without gradients (no running statistics updated, no dropout drawn)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            check_loss_shapes(loss_fn, model(inputs), targets)
+            return model(inputs)
     finally:
         model.train(was_training)
+
+
+def check_loss_shapes_on(loss_fn: LossFn, model: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+    """:func:`check_loss_shapes` on ``model(inputs)``, run in eval mode without gradients (for a
+    training loop to call once, on a few samples, before it starts); nothing is run for other losses."""
+    if _is_elementwise(loss_fn):
+        check_loss_shapes(loss_fn, _eval_outputs(model, inputs), targets)
+
+
+def batch_loss_factor_on(loss_fn: LossFn, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+    """:func:`batch_loss_factor` of ``loss_fn`` on ``model(inputs)``, run in eval mode without gradients
+    (shapes checked too)."""
+    outputs = _eval_outputs(model, inputs)
+    with torch.no_grad():
+        return batch_loss_factor(loss_fn, outputs, targets, loss_fn(outputs, targets))
 
 
 def per_sample_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
