@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from gradiv_lib.norms import batch_axes, fused, rules_attention
 from gradiv_lib.norms.batch_axes import MIXED, Layout
 from gradiv_lib.norms.fallback import fallback_per_sample_grads, warn_fallback_once
-from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, summed_grads
+from gradiv_lib.norms.rules import LAYER_RULES, SEQUENCE_STRATEGIES, LayerRule, SequenceStrategy, computes_its_class_formula, summed_grads
 
 Check = Literal["first_call", "every_call", "off"]
 """When the engine runs its batch-axis probe and gradient-sum check."""
@@ -176,10 +176,6 @@ def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-_RULE_PARAMETER_NAMES = frozenset({"weight", "bias"})
-"""The parameters a layer rule differentiates; a rule layer with others goes to the fallback."""
-
-
 def _plan_layers(model: nn.Module) -> list[_Layer]:
     """Assign every trainable parameter to the module that will report its per-sample gradients."""
     layers: list[_Layer] = []
@@ -198,10 +194,7 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
             )
         rule = LAYER_RULES.get(type(module))
         direct = _trainable_direct_params(module)
-        if rule is not None and (not set(module._parameters) <= _RULE_PARAMETER_NAMES or "forward" in module.__dict__):
-            # the weight is computed from other parameters by a forward pre-hook (torch.nn.utils.prune's
-            # weight_orig, the legacy weight_norm's weight_g / weight_v, the legacy spectral_norm's weight_orig),
-            # or the instance's forward was replaced: the rule's formula would not be the layer's
+        if rule is not None and not computes_its_class_formula(module):  # the rule's formula is not the layer's
             rule = None
         if isinstance(module, nn.Embedding) and module.scale_grad_by_freq and direct:
             raise ValueError(

@@ -638,6 +638,14 @@ def _before_normalized(module: nn.Module, g: Tensor) -> int:
     return g.dim() - len(module.normalized_shape)
 
 
+def computes_its_class_formula(module: nn.Module) -> bool:
+    """Whether a call of ``module`` applies its class's formula to its own ``weight`` and ``bias``: not when
+    its instance ``forward`` was replaced, nor when it has other parameters from which a forward pre-hook
+    computes the weight (``torch.nn.utils.prune``'s ``weight_orig``, the legacy ``weight_norm``'s ``weight_g``
+    and ``weight_v``, the legacy ``spectral_norm``'s ``weight_orig``)."""
+    return "forward" not in module.__dict__ and set(module._parameters) <= {"weight", "bias"}
+
+
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LayerRule(_linear_sq_norms, _linear_per_sample_grads, 2, leading_dims=_all_but_last, sq_norm_factors=_linear_sq_norm_factors),
     nn.Conv1d: LayerRule(_conv_sq_norms, _conv_per_sample_grads, 3),

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from ..norms.rules import computes_its_class_formula
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity)
@@ -164,11 +166,10 @@ _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_bac
 
 def _runs_more_than_its_class(module: nn.Module) -> bool:
     """Whether a call of ``module`` does more than its class's forward on its own parameters: forward or
-    backward hooks (a user's output hook, torch.nn.utils.prune's masked weight), an instance ``forward``, or
-    parameters other than ``weight`` / ``bias`` (the legacy weight_norm's ``weight_g``); the bmm engine, which
-    reads the weights and applies the layers itself, would skip all of that."""
-    return (any(getattr(module, table, None) for table in _HOOK_TABLES) or "forward" in module.__dict__
-            or not set(module._parameters) <= {"weight", "bias"})
+    backward hooks (a user's output hook, torch.nn.utils.prune's masked weight), or what
+    :func:`~gradiv_lib.norms.rules.computes_its_class_formula` rules out; the bmm engine, which reads the
+    weights and applies the layers itself, would skip all of that."""
+    return any(getattr(module, table, None) for table in _HOOK_TABLES) or not computes_its_class_formula(module)
 
 
 def bmm_layers(module: nn.Module) -> list[nn.Module] | None:
