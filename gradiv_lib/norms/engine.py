@@ -218,6 +218,13 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
     return layers
 
 
+def planned_members(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+    """Every parameter and every BatchNorm layer of ``model`` by id, with its name: what an engine's hooks are
+    planned for (it refuses a model whose members changed; ``train()`` builds a new meter then)."""
+    params = {id(p): name for name, p in model.named_parameters()}
+    return params, {id(m): path for path, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
 @dataclass(eq=False)
 class _RootCall:
     """One call of the model itself: where each layer's calls start, and the probed layout."""
@@ -348,7 +355,7 @@ class PerSampleNormEngine:
         self._parameter_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self._frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
         # the parameters and BatchNorm layers the hooks were planned for (``_check_structure``)
-        self._planned_members = self._members(model)
+        self._planned_members = planned_members(model)
         self._remember_structure()
         self._layers = _plan_layers(model)
         for layer in self._layers:
@@ -442,12 +449,6 @@ class PerSampleNormEngine:
             handle.remove()
         self._parameter_handles = []
 
-    @staticmethod
-    def _members(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
-        """Every parameter and every BatchNorm layer of ``model`` by id, with its name."""
-        params = {id(p): name for name, p in model.named_parameters()}
-        return params, {id(m): path for path, m in model.named_modules() if isinstance(m, _BatchNorm)}
-
     def _remember_structure(self) -> None:
         # every module with the ids of its children and parameters; the objects are held, so an id in the
         # snapshot cannot be reused by a module or parameter created later
@@ -465,7 +466,7 @@ class PerSampleNormEngine:
                 break
         else:
             return
-        now = self._members(self._model)
+        now = planned_members(self._model)
         if now == self._planned_members:  # the same parameters and norm layers under the same names
             self._remember_structure()
             return

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..batching import BatchSchedule, FixedBatch, Resize
+from ..norms.engine import planned_members
 from ..norms.loss_scale import check_loss_shapes_on
 from ..results import check_writable_folder
 from ..results import save_checkpoint as write_checkpoint
@@ -434,10 +435,9 @@ def train(
                     raise ValueError(f"epoch {epoch}: the model has no trainable parameters left (on_epoch_end froze them all)")
                 meter = None
                 if measure and not batch_norms:
-                    # the meter's plan holds while every parameter (trainable or not, by name) and BatchNorm layer
-                    # is the same: on_epoch_end may freeze, unfreeze, prune, replace or add layers
-                    plan_key = (tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters()),
-                                tuple(id(m) for m in model.modules() if isinstance(m, _BatchNorm)))
+                    # the meter's plan holds while the parameters (trainable or not, by name) and BatchNorm layers
+                    # are the same and none is frozen or unfrozen: on_epoch_end may prune, replace or add layers
+                    plan_key = (planned_members(model), tuple(p.requires_grad for p in model.parameters()))
                     if kept_meter is None or kept_for != plan_key:
                         # exact_grad: autograd's own weight gradients, so a run that measures is bit for bit
                         # the run that does not (and the same on every rerun: the meter's fused layers
