@@ -1141,6 +1141,55 @@ def test_pruning_after_the_meter_was_built_is_refused() -> None:
             F.cross_entropy(model(x), y).backward()
 
 
+class TransposedTie(nn.Module):
+    """``head``'s weight is ``a.weight.T``, set by a forward pre-hook after ``del head.weight`` (weight tying
+    across shapes): the gradient of that use reaches ``a.weight`` outside every hook."""
+
+    def __init__(self, head_bias: bool) -> None:
+        super().__init__()
+        self.a, self.head, self.out = nn.Linear(5, 4), nn.Linear(4, 5, bias=head_bias), nn.Linear(5, 3)
+        del self.head.weight
+        self.head.register_forward_pre_hook(lambda module, args: setattr(module, "weight", self.a.weight.t()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.head(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("head_bias", [True, False])
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+def test_a_weight_computed_from_another_layers_parameter_is_refused(check_mode: str, head_bias: bool) -> None:
+    """The gradient check refused it as a use outside the module; with check='off' the norms were 0.06 off (of
+    3.5), silently. The computed weight is now refused after the layer's forward, whatever ``check`` says."""
+    model = TransposedTie(head_bias).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer 'head' \(Linear\) uses a weight that is not one of its parameters.*parametriz"):
+        with DiversityMeter(model, check=check_mode):
+            F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="uses a weight that is not one of its parameters"):
+        per_sample_sq_norms(model, nn.CrossEntropyLoss(), x, y, check=check_mode)
+
+
+def test_a_weight_computed_from_frozen_parameters_or_inside_a_fallback_layer_is_measured() -> None:
+    """Not refused where it is right: a computed weight that needs no gradient, and one computed inside a
+    module that the torch.func fallback recomputes as a whole (a parameter of its own)."""
+    frozen = TransposedTie(True).double()
+    frozen.a.weight.requires_grad_(False)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    check_function_and_meter(frozen, x, y, "off")
+
+    class Owner(nn.Module):  # the raw weight is the root's own parameter: the root is a fallback layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.raw, self.head, self.out = nn.Parameter(torch.randn(4, 5)), nn.Linear(5, 4), nn.Linear(4, 3)
+            del self.head.weight
+            self.head.register_forward_pre_hook(lambda module, args: setattr(module, "weight", 2 * self.raw))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(torch.tanh(self.head(x)))
+
+    check_function_and_meter(Owner().double(), x, y, "off")
+
+
 class ReplacedForward(nn.Module):
     """A Linear whose instance forward was replaced (a patch, a monkey-patched adapter): the rule's formula is
     not the layer's."""

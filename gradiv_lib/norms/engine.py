@@ -176,9 +176,13 @@ def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-def _plan_layers(model: nn.Module) -> list[_Layer]:
-    """Assign every trainable parameter to the module that will report its per-sample gradients."""
+def _plan_layers(model: nn.Module) -> tuple[list[_Layer], list[tuple[str, nn.Module, tuple[str, ...]]]]:
+    """Assign every trainable parameter to the module that will report its per-sample gradients. Also
+    returns the rule-type modules outside any fallback layer that lack a ``weight`` or ``bias`` parameter
+    (path, module, the missing names): a forward pre-hook or the parent may set that attribute to a
+    tensor computed from other parameters, which no hook would see (``_refuse_computed_weight``)."""
     layers: list[_Layer] = []
+    computed: list[tuple[str, nn.Module, tuple[str, ...]]] = []
     visited: set[int] = set()
 
     def visit(module: nn.Module, path: str) -> None:
@@ -196,6 +200,11 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
         direct = _trainable_direct_params(module)
         if rule is not None and not computes_its_class_formula(module):  # the rule's formula is not the layer's
             rule = None
+        if rule is not None:
+            formula = ("weight",) if isinstance(module, nn.Embedding) else ("weight", "bias")  # what the class registers
+            missing = tuple(name for name in formula if name not in module._parameters and name not in module._buffers)
+            if missing:
+                computed.append((path, module, missing))
         if isinstance(module, nn.Embedding) and module.scale_grad_by_freq and direct:
             raise ValueError(
                 f"Embedding '{path or '<model>'}' has scale_grad_by_freq=True, which divides each token's gradient "
@@ -215,7 +224,7 @@ def _plan_layers(model: nn.Module) -> list[_Layer]:
     uses = Counter(pid for layer in layers for pid in layer.param_ids)
     for layer in layers:
         layer.shares_parameters = any(uses[pid] > 1 for pid in layer.param_ids)
-    return layers
+    return layers, computed
 
 
 def planned_members(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
@@ -318,7 +327,9 @@ class PerSampleNormEngine:
         If the model has no trainable parameters, an option is unknown, or a layer mixes samples
         (``Embedding(scale_grad_by_freq=True)``; BatchNorm using batch statistics, a layer whose batch
         axis the probe cannot find, or a parameter with uses the hooks do not see are refused when
-        they run).
+        they run; so is, on every call whatever ``check`` says, a Linear, convolution or norm layer whose
+        ``weight`` or ``bias`` is not its parameter but a tensor computed from others, which a forward
+        pre-hook or the parent set).
     """
 
     def __init__(
@@ -357,7 +368,7 @@ class PerSampleNormEngine:
         # the parameters and BatchNorm layers the hooks were planned for (``_check_structure``)
         self._planned_members = planned_members(model)
         self._remember_structure()
-        self._layers = _plan_layers(model)
+        self._layers, computed = _plan_layers(model)
         for layer in self._layers:
             layer.fusable = fuse_weight_grads and isinstance(layer.module, fused.FUSABLE_TYPES) and not layer.shares_parameters
         self._grad_source: GradSource = grad_source
@@ -379,6 +390,7 @@ class PerSampleNormEngine:
             for layer in self._layers
         ]
         self._batch_norm_hooks = [(module, partial(self._refuse_batch_statistics, path)) for path, module in self._batch_norms]
+        self._computed_weight_hooks = [(module, partial(self._refuse_computed_weight, path, names)) for path, module, names in computed]
         # a fallback layer whose forward updates its buffers before using them (spectral_norm's power iteration)
         # is recomputed from the buffers it started with, not from the updated ones
         self._buffer_snapshot_hooks = [(layer.module, partial(self._snapshot_buffers, layer))
@@ -430,6 +442,7 @@ class PerSampleNormEngine:
             handles += [module.register_forward_hook(hook, with_kwargs=with_kwargs, prepend=True) for module, hook, with_kwargs in self._layer_hooks]
             handles.append(self._model.register_forward_hook(self._after_root_call, with_kwargs=True))
             handles += [module.register_forward_pre_hook(hook) for module, hook in self._batch_norm_hooks]
+            handles += [module.register_forward_hook(hook) for module, hook in self._computed_weight_hooks]
             # first: before a pre-hook that updates buffers too (the legacy spectral_norm's power iteration)
             handles += [module.register_forward_pre_hook(hook, prepend=True) for module, hook in self._buffer_snapshot_hooks]
             self._handles = handles
@@ -619,6 +632,25 @@ class PerSampleNormEngine:
             "statistics (model.eval(), or .eval() on the BatchNorm modules only) while measuring, or replace "
             "BatchNorm by nn.GroupNorm / nn.LayerNorm."
         )
+
+    def _refuse_computed_weight(self, path: str, names: tuple[str, ...], module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """After the forward of a rule-type module without a ``weight`` or ``bias`` parameter: refuse if that
+        attribute is a tensor that requires grad (computed from parameters elsewhere; on every call, whatever
+        ``check`` says: without the gradient-sum check the result would be wrong silently)."""
+        if not self._recording():
+            return
+        for name in names:
+            value = module.__dict__.get(name)
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise ValueError(
+                    f"layer '{path or '<model>'}' ({type(module).__qualname__}) uses a {name} that is not one of its "
+                    f"parameters but a tensor computed from others ('{name}' requires grad and is not in its "
+                    "_parameters: a forward pre-hook or the parent module set it). Its gradient reaches the parameters "
+                    "it was computed from outside every hook, so their per-sample gradients would be wrong. Register "
+                    "the computation with torch.nn.utils.parametrize.register_parametrization (measured by the "
+                    f"torch.func fallback), or assign the Parameter itself (layer.{name} = other.{name}: shared "
+                    "parameters are handled)."
+                )
 
     def _check_batch(self, layer: _Layer, tensor: Tensor) -> None:
         if tensor.dim() == 0:
