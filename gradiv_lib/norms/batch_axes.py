@@ -35,7 +35,11 @@ fingerprints are symmetric along two size-:math:`B` axes at once (e.g. identical
 forward passes that draw fresh random numbers in eval mode (all runs reuse one RNG state, so
 noise that is not tied to a sample makes the probe report sample mixing — loud, not silent). Mixing
 is not seen when every sample of the probed batch is the same, when the forward pass takes other
-branches on the replaced batch, or when it happens after the model's output (in the loss).
+branches on the replaced batch, when it happens after the model's output (in the loss), or when a
+module mixes samples in training mode only: the probe runs in eval mode, where dropout draws nothing
+(in training mode a dropout mask tied to batch positions would look like mixing). BatchNorm, the
+common case, is refused on every call by its own check; a custom module that normalises over the
+batch while training is not seen.
 """
 
 from __future__ import annotations
