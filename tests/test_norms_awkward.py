@@ -273,11 +273,17 @@ def test_probe_and_gradient_check_run_on_the_first_call_only() -> None:
         engine.sq_norms()
         assert engine._verify == (step == 0)
         model.zero_grad()
-    assert len(calls) == 3 + 3  # three measured steps, plus the probe's three forward passes once
+    # three measured steps, plus the probe's forward passes once: three in eval mode, two in the model's training mode
+    assert len(calls) == 3 + 3 + 2
     engine = PerSampleNormEngine(model, check="every_call")
     with engine:
         criterion(model(torch.randn(B, B, 3, dtype=torch.float64)), classes()).backward()
-    assert len(calls) == 6 + 1 + 3 and engine._verify  # one more step, probed again
+    assert len(calls) == 8 + 1 + 5 and engine._verify  # one more step, probed again
+    model.eval()
+    engine = PerSampleNormEngine(model, check="every_call")
+    with engine:
+        criterion(model(torch.randn(B, B, 3, dtype=torch.float64)), classes()).backward()
+    assert len(calls) == 14 + 1 + 3  # in eval mode, no training-mode pair
 
 
 # --- declared loss reduction ---------------------------------------------------------------------------------
@@ -1255,6 +1261,121 @@ def test_a_parameter_free_module_swapped_for_one_that_mixes_samples_is_probed_ag
     with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples"):
         with meter:
             F.cross_entropy(model(x), y).backward()
+
+
+class CentreBatchWhenTraining(nn.Module):
+    """Mixes samples in training mode only (a batch-centring layer of the user's with its own mode)."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h - h.mean(0, keepdim=True) if self.training else h
+
+
+class MixupWhenTraining(nn.Module):
+    """Manifold mixup inside the model: each sample mixed with the next one while training."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return 0.7 * h + 0.3 * h.roll(1, 0) if self.training else h
+
+
+@pytest.mark.parametrize("mixer", [CentreBatchWhenTraining, MixupWhenTraining])
+@pytest.mark.parametrize("check_mode", ["first_call", "every_call"])
+def test_a_module_that_mixes_samples_in_training_mode_only_is_refused(mixer: type[nn.Module], check_mode: str) -> None:
+    """The probe ran in eval mode only, where these modules are the identity: in training mode the meter
+    measured them silently (the per-sample gradients of a mixed batch are undefined). A training-mode pair of
+    runs (the batch and one sample replaced, one RNG state) now finds them; in eval mode they are measured."""
+    model = nn.Sequential(nn.Linear(5, 4), mixer(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input .* mixes samples.* training mode only"):
+        with DiversityMeter(model, check=check_mode):
+            F.cross_entropy(model(x), y).backward()
+    model.eval()
+    check_function_and_meter(model, x, y, check_mode)
+
+
+@pytest.mark.parametrize("meter_after", ["same", "new"])
+def test_one_submodule_switched_to_a_mode_that_mixes_samples_is_probed_again(meter_after: str) -> None:
+    """The cached layout was keyed by the root's mode only: after a checked call with the model in eval mode,
+    one submodule put in training mode was measured from the cached layout. Every module's mode is in the key."""
+    model = nn.Sequential(nn.Linear(5, 4), CentreBatchWhenTraining(), nn.Linear(4, 3)).double().eval()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    with meter:
+        F.cross_entropy(model(x), y).backward()
+    model[1].train()
+    meter = meter if meter_after == "same" else DiversityMeter(model)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="training mode only"):
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+
+
+class DropoutEverywhere(nn.Module):
+    """Training-mode noise tied to batch positions (nn.Dropout, F.dropout, stochastic depth per sample), and a
+    BatchNorm in eval mode inside a model in training mode: samples stay independent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.drop, self.b, self.head = nn.Linear(5, 8), nn.Dropout(0.3), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.norm = nn.BatchNorm1d(8).eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(torch.tanh(self.a(x)))
+        keep = (torch.rand(x.shape[0], 1, dtype=x.dtype) > 0.2).to(x.dtype) if self.training else 1.0
+        h = h + keep * F.dropout(torch.tanh(self.b(h)), 0.2, self.training)
+        return self.head(self.norm(h))
+
+
+def test_dropout_and_stochastic_depth_in_training_mode_are_not_taken_for_mixing() -> None:
+    """The training-mode pair draws the same masks for both runs, so position-tied noise is not mixing; and the
+    probe's passes leave the RNG alone: the checked pass draws the masks an unmeasured pass draws, and its norms
+    are those of check='off'."""
+    model = DropoutEverywhere().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for _ in range(2):
+        state = torch.get_rng_state()
+        checked = DiversityMeter(model, check="every_call")
+        model.zero_grad(set_to_none=True)
+        with checked:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        torch.set_rng_state(state)
+        unchecked = DiversityMeter(model, check="off")
+        model.zero_grad(set_to_none=True)
+        with unchecked:
+            F.cross_entropy(model(x), y).backward()
+        torch.set_rng_state(state)
+        with torch.no_grad():
+            assert torch.equal(F.cross_entropy(model(x), y), loss.detach())
+        assert torch.equal(checked.sq_norms, unchecked.sq_norms)
+
+
+class DropoutInsideFallbackLayers(nn.Module):
+    """Attention dropout and an LSTM's dropout between its layers: random draws inside layers without a rule."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.embed, self.head = kind, nn.Linear(3, 4), nn.Linear(4, 3)
+        self.inner = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True) if kind == "attention" else nn.LSTM(4, 4, 2, dropout=0.5, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x))
+        h = self.inner(h, h, h, need_weights=False)[0] if self.kind == "attention" else self.inner(h)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["attention", "lstm"])
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+def test_a_fallback_layer_that_draws_random_numbers_is_refused(kind: str, check_mode: str) -> None:
+    """The fallback recomputed such a layer with other random draws: the gradient check refused it as a use
+    outside the module, and with check='off' the norms were wrong silently. Refused by name now; in eval mode
+    (no dropout drawn) the layer is measured exactly."""
+    model = DropoutInsideFallbackLayers(kind).double()
+    x, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer 'inner' \((MultiheadAttention|LSTM)\) draws random numbers in its forward.*eval mode"):
+        with DiversityMeter(model, check=check_mode):
+            F.cross_entropy(model(x), y).backward()
+    model.eval()
+    check_function_and_meter(model, x, y, check_mode, loop=kind == "lstm")  # vmap has no rule for the fused LSTM
 
 
 def test_a_measurement_without_a_backward_pass_after_accumulated_gradients() -> None:

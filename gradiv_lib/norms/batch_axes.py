@@ -24,9 +24,9 @@ are equivariant to the roll and still mix samples. So a third run replaces one s
 (:func:`replaced_inputs`): in a model that treats samples independently only that sample's slice
 changes, so every other sample's fingerprint along the batch axis, and every shared tensor, must stay
 the same to rounding; otherwise the tensor is marked as mixing samples, and so is the model's own
-output (:attr:`Layout.outputs`). Cost: three forward passes without autograd, once per model and
-input signature (shapes after the batch axis, dtypes, devices, train/eval), cached in
-:data:`_LAYOUTS`; every later call only looks its layout up.
+output (:attr:`Layout.outputs`). Cost: three forward passes without autograd (five when some module is training), once
+per model and input signature (shapes after the batch axis, dtypes, devices, every module's mode), cached
+in :data:`_LAYOUTS`; every later call only looks its layout up.
 
 Why not the alternatives: a declared layout (``batch_dim=``) is only as right as the declaration,
 and a first-call comparison of a few samples against ``torch.func`` needs the loss, which the
@@ -35,11 +35,15 @@ fingerprints are symmetric along two size-:math:`B` axes at once (e.g. identical
 forward passes that draw fresh random numbers in eval mode (all runs reuse one RNG state, so
 noise that is not tied to a sample makes the probe report sample mixing — loud, not silent). Mixing
 is not seen when every sample of the probed batch is the same, when the forward pass takes other
-branches on the replaced batch, when it happens after the model's output (in the loss), or when a
-module mixes samples in training mode only: the probe runs in eval mode, where dropout draws nothing
-(in training mode a dropout mask tied to batch positions would look like mixing). BatchNorm, the
-common case, is refused on every call by its own check; a custom module that normalises over the
-batch while training is not seen.
+branches on the replaced batch, or when it happens after the model's output (in the loss).
+
+The three runs are in eval mode, where dropout draws nothing: in training mode the rolled run would
+give each sample the mask of another batch position and look like mixing. A module that mixes samples
+only while training (a batch-centring layer of the user's, mixup inside the model) is the identity in
+eval mode, so when some module of the model is training two more runs follow in the modules' own modes
+(:func:`_training_pair`): the batch and the batch with one sample replaced, from one RNG state, so both
+draw the same masks and every other sample's slice must stay the same. This pair only adds refusals: a
+failing training-mode pass, or calls that take other branches in it, leave the eval-mode layout as it is.
 """
 
 from __future__ import annotations
@@ -68,13 +72,14 @@ class Layout:
     (shared, not per sample) or :data:`MIXED`, in the order the layers first ran; ``outputs``: the same
     for the leaves of the model's own output; ``first_mixed``: where mixed samples are first seen,
     ``(layer path, "input" | "output", leaf index)`` (the path ``None`` for the model's output), or
-    ``None``. ``grads_verified`` is set once the gradient-sum check (``engine.py``) has passed for this
-    signature.
+    ``None``; ``mixed_in_training_only``: the eval-mode runs found no mixing, the training-mode pair did.
+    ``grads_verified`` is set once the gradient-sum check (``engine.py``) has passed for this signature.
     """
 
     axes: dict[tuple[str, int], tuple[tuple[int | None, ...], tuple[int | None, ...]]] = field(default_factory=dict)
     outputs: tuple[int | None, ...] = ()
     first_mixed: tuple[str | None, str, int] | None = None
+    mixed_in_training_only: bool = False
     grads_verified: bool = False
 
     def find_mixed(self) -> tuple[str | None, str, int] | None:
@@ -248,7 +253,8 @@ Run = dict[str, list[tuple[list[Fingerprint], list[Fingerprint]]]]
 def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int, set_run: Callable[[Run | None], None]) -> Layout:
     """Run ``model`` on the batch, on the batch rolled by one sample and on the batch with one sample
     replaced, under ``no_grad`` in eval mode with one RNG state for all runs, and resolve the batch axis
-    of every tensor the hooked layers saw and of the model's output.
+    of every tensor the hooked layers saw and of the model's output; when some module is training, check
+    with a training-mode pair that its samples stay independent there too (:func:`_training_pair`).
 
     ``set_run(run)`` hands the engine's forward hooks the dict to record fingerprints into (``None``
     when done). Modes, the RNG streams, the fused-attention switch and the buffers (``_ModelState``) are
@@ -290,6 +296,8 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
             f"on the batch, on the batch rolled by one sample and with one sample replaced) failed: {error}. Pass check='off' to skip it "
             "(batch axes are then read from shapes, and ambiguous shapes are refused)."
         ) from error
+    else:
+        training_runs = _training_pair(model, calls[0], replaced, modes, state, devices, set_run, batch_size)
     finally:
         set_run(None)
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -329,4 +337,78 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
             resolve(a, b, c) if _finite(a, b, c) else None for a, b, c in zip(outputs[0], outputs[1], replaced_outputs)
         )
     layout.first_mixed = layout.find_mixed()
+    if training_runs is not None and layout.first_mixed is None:
+        _mark_mixed_in_training(layout, *training_runs)
     return layout
+
+
+def _training_pair(
+    model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]], replaced: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    modes: list[tuple[nn.Module, bool]], state: _ModelState, devices: list[int], set_run: Callable[[Run | None], None],
+    batch_size: int,
+) -> tuple[list[Run], list[list[Fingerprint]]] | None:
+    """The batch and the batch with one sample replaced, run in the modules' own modes when some module is
+    training (``None`` otherwise, or when a pass fails: this check only adds refusals). The eval-mode runs
+    cannot see a module that mixes samples only while training (a batch-centring layer of the user's, mixup
+    inside the model), and a rolled run in training mode would mistake a dropout mask, which is tied to batch
+    positions, for mixing; the replaced run with the same RNG state draws the same masks, so every other
+    sample's slice must stay the same. Buffers are put back before each pass, so both see the same state."""
+    if replaced is None or not any(mode for _, mode in modes):
+        return None
+    runs: list[Run] = []
+    outputs: list[list[Fingerprint]] = []
+    try:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            for call_args, call_kwargs in (call, replaced):
+                state.restore()
+                torch.set_rng_state(states[0])
+                for d, rng in zip(devices, states[1]):
+                    torch.cuda.set_rng_state(rng, d)
+                run: Run = {}
+                set_run(run)
+                output = model(*call_args, **call_kwargs)
+                runs.append(run)
+                outputs.append([fingerprint(leaf, batch_size) for leaf in tree_flatten(output)[0]])
+    except Exception:
+        return None
+    finally:
+        set_run(None)
+        model.eval()
+    return runs, outputs
+
+
+def _independent(first: Fingerprint, replaced: Fingerprint, axis: int | None) -> bool:
+    """Whether replacing sample 0 left every other sample's slice along ``axis`` (every slice of a shared
+    tensor, ``axis`` None) the same to rounding."""
+    if first is None or replaced is None or set(first) != set(replaced) or not _finite(first, replaced):
+        return True  # nothing comparable (the eval-mode layout stands)
+    floor = float(first[-1])
+    if axis is None:
+        return all(_same(first[a], replaced[a], floor) for a in first if a >= 0)
+    return axis not in first or _same(first[axis][:, 1:], replaced[axis][:, 1:], floor)
+
+
+def _mark_mixed_in_training(layout: Layout, runs: list[Run], outputs: list[list[Fingerprint]]) -> None:
+    """Mark as :data:`MIXED` every tensor whose samples the training-mode pair (:func:`_training_pair`) shows
+    to depend on another sample, along the axis the eval-mode runs found."""
+    first, replaced = runs
+    for (path, index), (in_axes, out_axes) in list(layout.axes.items()):
+        calls, other = first.get(path, []), replaced.get(path, [])
+        if len(calls) != len(other) or index >= len(calls):  # other branches in training mode: not comparable
+            continue
+        (in1, out1), (in2, out2) = calls[index], other[index]
+        if len(in1) != len(in_axes) or len(in2) != len(in_axes) or len(out1) != len(out_axes) or len(out2) != len(out_axes):
+            continue
+        layout.axes[(path, index)] = (
+            tuple(axis if axis == MIXED or _independent(a, b, axis) else MIXED for a, b, axis in zip(in1, in2, in_axes)),
+            tuple(axis if axis == MIXED or _independent(a, b, axis) else MIXED for a, b, axis in zip(out1, out2, out_axes)),
+        )
+    if len(outputs[0]) == len(outputs[1]) == len(layout.outputs):
+        layout.outputs = tuple(
+            axis if axis == MIXED or _independent(a, b, axis) else MIXED for a, b, axis in zip(outputs[0], outputs[1], layout.outputs)
+        )
+    layout.first_mixed = layout.find_mixed()
+    layout.mixed_in_training_only = layout.first_mixed is not None

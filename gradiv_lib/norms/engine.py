@@ -36,11 +36,13 @@ once per model and input signature; ``"every_call"`` on every measurement; ``"of
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -65,6 +67,9 @@ GRAD_SUM_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
 """Relative tolerance of the gradient-sum check by parameter dtype (half precision or autocast: 5e-2)."""
 
 
+_TRAINING = operator.attrgetter("training")
+
+
 @dataclass(eq=False)
 class _Layer:
     """A module whose trainable parameters one rule (or the fallback) is responsible for."""
@@ -78,6 +83,7 @@ class _Layer:
     covered: bool = False
     fusable: bool = False
     buffers_before: Any = field(default=None, repr=False)  # fallback layers: buffer state as the forward began
+    rng_before: Any = field(default=None, repr=False)  # fallback layers: the random generators' states as it began
     param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -170,6 +176,14 @@ def _hook_target(output: Tensor) -> Tensor:
     if base.requires_grad and base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous():
         return base
     return output
+
+
+def _rng_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[np.ndarray]:
+    """The CPU generator's state and those of the CUDA devices the call's tensors are on (host copies)."""
+    states = [torch.default_generator.get_state().numpy()]
+    for device in batch_axes.cuda_devices((args, kwargs)):
+        states.append(torch.cuda.get_rng_state(device).numpy())
+    return states
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -327,9 +341,10 @@ class PerSampleNormEngine:
         If the model has no trainable parameters, an option is unknown, or a layer mixes samples
         (``Embedding(scale_grad_by_freq=True)``; BatchNorm using batch statistics, a layer whose batch
         axis the probe cannot find, or a parameter with uses the hooks do not see are refused when
-        they run; so is, on every call whatever ``check`` says, a Linear, convolution or norm layer whose
+        they run; so are, on every call whatever ``check`` says, a Linear, convolution or norm layer whose
         ``weight`` or ``bias`` is not its parameter but a tensor computed from others, which a forward
-        pre-hook or the parent set).
+        pre-hook or the parent set, and a layer without a rule whose forward draws random numbers, which
+        the torch.func fallback cannot recompute: dropout inside an LSTM or an attention layer while training).
     """
 
     def __init__(
@@ -395,6 +410,8 @@ class PerSampleNormEngine:
         # is recomputed from the buffers it started with, not from the updated ones
         self._buffer_snapshot_hooks = [(layer.module, partial(self._snapshot_buffers, layer))
                                        for layer in self._layers if layer.rule is None and next(layer.module.buffers(), None) is not None]
+        # a fallback layer that draws random numbers (dropout inside it in training mode) cannot be recomputed
+        self._rng_snapshot_hooks = [(layer.module, partial(self._snapshot_rng, layer)) for layer in self._layers if layer.rule is None]
         self._parameter_hooks = [(p, partial(self._record_parameter_grad, id(p))) for p in self._parameters]
         self.reset()
 
@@ -445,6 +462,7 @@ class PerSampleNormEngine:
             handles += [module.register_forward_hook(hook) for module, hook in self._computed_weight_hooks]
             # first: before a pre-hook that updates buffers too (the legacy spectral_norm's power iteration)
             handles += [module.register_forward_pre_hook(hook, prepend=True) for module, hook in self._buffer_snapshot_hooks]
+            handles += [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in self._rng_snapshot_hooks]
             self._handles = handles
         if not self._reading and not self._parameter_handles:
             self._parameter_handles = [p.register_hook(hook) for p, hook in self._parameter_hooks]
@@ -469,6 +487,7 @@ class PerSampleNormEngine:
         self._structure_ids = [(tuple(map(id, children)), tuple(map(id, params))) for _, children, params in self._structure]
         # which modules, of which types: a parameter-free module swapped for one that mixes samples needs a new probe
         self._structure_token = tuple((id(m), type(m)) for m, _, _ in self._structure)
+        self._modules = [m for m, _, _ in self._structure]
 
     def _check_structure(self) -> None:
         """Raise if a parameter or a BatchNorm layer was added, replaced, renamed or removed since the hooks
@@ -564,8 +583,10 @@ class PerSampleNormEngine:
         self._root = _RootCall({layer.path: layer.calls for layer in self._layers} if self._layer_calls_seen() else {})
         if self._check == "off":
             return
-        # the module tree is part of it: a cached layout (and its passed gradient check) is for the tree it saw
-        self._signature = (self._structure_token, self._call_signature(module, args, kwargs, plain_call))
+        # the module tree and every module's mode are part of it: a cached layout (and its passed gradient check)
+        # is for the tree and the modes it saw (one submodule put in training mode may mix samples then)
+        modes = tuple(map(_TRAINING, self._modules))
+        self._signature = (self._structure_token, modes, self._call_signature(module, args, kwargs, plain_call))
         if self._check == "first_call":
             self._root.layout = batch_axes._LAYOUTS.get(module, {}).get(self._signature)
             if self._root.layout is not None and self._root.layout.grads_verified:
@@ -592,22 +613,31 @@ class PerSampleNormEngine:
             if self._check == "first_call":
                 batch_axes._LAYOUTS.setdefault(module, {})[self._signature] = root.layout
         if root.layout is not None and root.layout.first_mixed is not None:  # on every call, cached layouts too
-            self._refuse_mixed(module, root.layout.first_mixed)
+            self._refuse_mixed(module, root.layout)
 
-    def _refuse_mixed(self, module: nn.Module, where: tuple[str | None, str, int]) -> None:
+    def _refuse_mixed(self, module: nn.Module, layout: Layout) -> None:
         """Raise where the probe first saw mixed samples: a layer's input or output, else the model's output
         (mixing after the last layer with parameters, or around layers whose parameters are frozen)."""
-        path, what, leaf = where
+        path, what, leaf = layout.first_mixed
         layer = next((layer for layer in self._layers if layer.path == path), None) if path is not None else None
-        if layer is not None:
-            self._refuse_axis(layer, what if layer.rule is not None else f"{what} {leaf}", MIXED)
-        raise ValueError(
-            f"the output of {type(module).__qualname__} (leaf {leaf} of its flattened output) does not treat the "
-            "samples independently: replacing one sample changes the other samples' outputs, so it mixes samples "
-            "(e.g. x - x.mean(0), a softmax or a sum across the batch, after the last layer with parameters) and "
-            "per-sample gradients are undefined. Keep every operation per sample, or pass check='off' if the "
-            "output draws noise in eval mode."
-        )
+        try:
+            if layer is not None:
+                self._refuse_axis(layer, what if layer.rule is not None else f"{what} {leaf}", MIXED)
+            raise ValueError(
+                f"the output of {type(module).__qualname__} (leaf {leaf} of its flattened output) does not treat the "
+                "samples independently: replacing one sample changes the other samples' outputs, so it mixes samples "
+                "(e.g. x - x.mean(0), a softmax or a sum across the batch, after the last layer with parameters) and "
+                "per-sample gradients are undefined. Keep every operation per sample, or pass check='off' if the "
+                "output draws noise in eval mode."
+            )
+        except ValueError as error:
+            if not layout.mixed_in_training_only:
+                raise
+            raise ValueError(
+                f"{error} This happens in training mode only: in eval mode the model treats samples independently, "
+                "so a module of it mixes samples while training (it normalises or mixes across the batch). Measure "
+                "with that module in eval mode, or make it per sample."
+            ) from None
 
     def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
         """Run the model on the batch, on the batch rolled by one sample and on the batch with one sample
@@ -706,6 +736,25 @@ class PerSampleNormEngine:
         """Before a fallback layer's forward: its buffers (object, version, copy), for the recomputation."""
         layer.buffers_before = [(name, b, b._version, b.clone()) for name, b in module.named_buffers()] if self._recording() else None
 
+    def _snapshot_rng(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Before a fallback layer's forward (after the pre-hooks registered before the meter's): the states of
+        the CPU generator and of the CUDA generators of its inputs' devices."""
+        layer.rng_before = _rng_states(args, kwargs) if self._recording() else None
+
+    def _refuse_random_draws(self, layer: _Layer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """After a fallback layer's forward: refuse it if the forward drew random numbers (on every call,
+        whatever ``check`` says: the recomputation would draw others and give wrong norms silently)."""
+        before, layer.rng_before = layer.rng_before, None
+        if before is None or all(np.array_equal(a, b) for a, b in zip(before, _rng_states(args, kwargs))):
+            return
+        raise ValueError(
+            f"layer {layer.name} draws random numbers in its forward (dropout inside it while training, e.g. "
+            "nn.MultiheadAttention(dropout>0) or nn.LSTM(dropout>0)); it has no per-sample rule, and the torch.func "
+            "fallback recomputes its per-sample gradients with other random draws, so its norms would be wrong. "
+            "Measure with that layer in eval mode (layer.eval(): dropout off inside it), or set its dropout to 0, "
+            "or move the dropout out of the layer (dropout on its inputs or outputs is fine)."
+        )
+
     @staticmethod
     def _changed_buffers(layer: _Layer) -> dict[str, Tensor]:
         """The buffers the layer's last forward replaced or changed in place, as they were before it ran."""
@@ -726,6 +775,7 @@ class PerSampleNormEngine:
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
         if not indices:
             return None
+        self._refuse_random_draws(layer, args, kwargs)
         if any(isinstance(arg, nn.utils.rnn.PackedSequence) for arg in (*args, *kwargs.values())):  # a namedtuple: tree_flatten would open it
             raise ValueError(
                 f"layer {layer.name} was called on a PackedSequence, which puts the time steps of all samples "

@@ -64,8 +64,7 @@ class DiversityMeter:
     Parameters
     ----------
     model
-        Batch-first network whose layers treat samples independently (BatchNorm in eval mode; a custom
-        module that mixes samples in training mode only is not detected, see ``batch_axes.py``). The hooks
+        Batch-first network whose layers treat samples independently (BatchNorm in eval mode). The hooks
         are planned for the model as it is now: a layer or parameter added, replaced, renamed (pruning) or
         unfrozen later is refused at the next measurement (build a new meter); freezing parameters, or
         swapping a parameter-free module such as the activation, is fine.
