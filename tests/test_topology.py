@@ -190,7 +190,7 @@ def test_consensus_factor_closed_form_and_noise_simulation() -> None:
     assert consensus_factor(Topology("islands", (torch.eye(2, dtype=torch.float64),))) == math.inf
     # the recursion D <- (W - J) D + (I - J) G with unit Gaussian noise, simulated
     g = torch.Generator().manual_seed(0)
-    for topo in (ring(8), one_peer_exponential(8), exponential(8)):
+    for topo in (ring(8), one_peer_exponential(8), exponential(8), shuffled(ring(8), seed=0)):
         K = topo.n_workers
         J = torch.full((K, K), 1 / K, dtype=torch.float64)
         D = torch.zeros(K, 200, dtype=torch.float64)
@@ -201,5 +201,7 @@ def test_consensus_factor_closed_form_and_noise_simulation() -> None:
                 total += D.square().sum().item() / 200
         assert total / 500 / (K - 1) == pytest.approx(consensus_factor(topo), rel=0.05), topo.name
     assert 1.0 < consensus_factor(shuffled(ring(8), seed=0)) < consensus_factor(ring(8))
+    # the relabelled estimate on a case with an exact value: W_t = J for the complete graph, so S_t = I - J
+    assert consensus_factor(shuffled(complete(6), seed=1)) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(TypeError, match="Topology"):
         consensus_factor(ring(4).matrix())
