@@ -252,10 +252,43 @@ def test_state_dict_survives_weights_only_load():
     (lambda: AdaBatch(4, 64, lr_rule="linear", lr_factor=0.75), "either lr_factor"),
     (lambda: NoiseScaleBatch(4, 64, window=1), "window must be an integer >= 2"),
     (lambda: batching.lr_multiplier("quadratic", 1, 2), "lr_rule must be one of"),
+    (lambda: batching.lr_multiplier("linear", 0, 2), "old_batch_size must be an integer >= 1, got 0"),
+    (lambda: batching.lr_multiplier("linear", 2, 0), "new_batch_size must be an integer >= 1, got 0"),
+    (lambda: batching.cifar100_code_lr(0.0, 256, 128, 1.0), "base_lr must be a finite number > 0, got 0.0"),
+    (lambda: batching.cifar100_code_lr(0.1, 256, 0, 1.0), "initial_batch_size must be an integer >= 1, got 0"),
+    (lambda: batching.cifar100_code_lr_scheduler(()), r"milestones must be a non-empty sequence of epochs, got \(\)"),
+    (lambda: batching.cifar100_code_lr_scheduler("60"), "milestones must be a non-empty sequence of epochs, got '60'"),
+    (lambda: batching.cifar100_code_lr_scheduler((0, 60)), "milestones must be an integer >= 1, got 0"),
+    (lambda: batching.cifar100_code_lr_scheduler(gamma=0.0), "gamma must be a finite number > 0, got 0.0"),
 ])
 def test_bad_input_messages(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_observe_names_what_a_measuring_schedule_is_missing():
+    dive = DiveBatch(4, 64, delta=0.5, resize_every=1).bind(100)
+    dive.begin_epoch(0)
+    for missing in ({"grad": None, "sq_norms": torch.ones(4)}, {"grad": torch.ones(3), "sq_norms": None}):
+        with pytest.raises(ValueError, match=r"DiveBatch measures in epoch 0: observe\(\) needs grad= .* and sq_norms= "):
+            dive.observe(n=4, **missing)
+    noise = NoiseScaleBatch(4, 256, resize_every=1, window=2).bind(1000)
+    noise.begin_epoch(0)
+    with pytest.raises(ValueError, match=r"NoiseScaleBatch.observe\(\) needs grad= \(the batch gradient"):
+        noise.observe(n=4)
+    with pytest.raises(ValueError, match="grad_reduction must be 'mean' or 'sum', got 'max'"):
+        noise.observe(n=4, grad=torch.ones(3), grad_reduction="max")
+    with pytest.raises(ValueError, match="grad contains inf or nan"):
+        noise.observe(n=4, grad=torch.tensor([1.0, math.nan]))
+
+
+def test_cifar100_code_lr_scheduler_accepts_gamma_one():
+    """gamma in (0, 1]: 1 keeps the rate (a run without step decay)."""
+    optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    scheduler = batching.cifar100_code_lr_scheduler((1,), gamma=1.0)(optimizer)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def test_end_epoch_must_match_begin_epoch():
