@@ -1,6 +1,7 @@
 """Tests of gradiv_lib.plasticity: regularizers, metrics, the continual loop and its checkpoints."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -194,6 +195,76 @@ def test_effective_rank_known_answers() -> None:
         pl.effective_rank(torch.ones(3))
     with pytest.raises(ValueError, match="method must be 'entropy' or 'srank'"):
         pl.effective_rank(torch.ones(3, 3), "stable")
+
+
+def test_effective_rank_is_scale_invariant_and_checks_delta() -> None:
+    """Both definitions read only the shares p_i = s_i / sum_j s_j: features scaled by 1e-3 (singular values
+    summing to less than 1) have the same effective rank."""
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(0)))
+    feats = q[:, :3] @ torch.diag(torch.tensor([3.0, 1.0, 0.5]))
+    for method in ("entropy", "srank"):
+        assert pl.effective_rank(1e-3 * feats, method) == pytest.approx(pl.effective_rank(feats, method), rel=1e-6)
+    assert pl.effective_rank(1e-3 * feats, "srank") == 3
+    with pytest.raises(ValueError, match="delta must be >= 0.0 and <= 1.0, got 1.5"):
+        pl.effective_rank(feats, "srank", delta=1.5)
+
+
+def test_dormant_fraction_input_checks() -> None:
+    with pytest.raises(ValueError, match=r"activations must be a non-empty 2-D tensor \(samples, units\), got \(4,\)"):
+        pl.dormant_fraction(torch.ones(4))
+    assert pl.dormant_fraction(torch.full((1, 1), 2.0)) == 0.0  # one sample, one live unit
+
+
+def test_task_accuracy_reads_the_split_it_is_asked_for() -> None:
+    from gradiv_lib.data import InMemoryData
+    from gradiv_lib.data.continual import Task
+
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger coordinate
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    right, wrong = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 0, 1, 0])
+    task = Task("t", InMemoryData(x, right), InMemoryData(x, wrong))
+    assert pl.task_accuracy(model, task) == 1.0 and pl.task_accuracy(model, task, split="train") == 1.0
+    assert pl.task_accuracy(model, task, split="test") == 0.0
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
+        pl.task_accuracy(model, task, split="val")
+    with pytest.raises(ValueError, match=r"the task has no test set; use split='train'"):
+        pl.task_accuracy(model, Task("t", InMemoryData(x, right)), split="test")
+
+
+def test_train_continual_records_each_quantity_by_its_definition() -> None:
+    """Each per-task entry against its definition, on the model as it was at the task's end (on_task_end)."""
+    g = torch.Generator().manual_seed(3)
+    tasks = [data.Task(f"t{i}", data.InMemoryData(torch.randn(40, 8, generator=g), torch.randint(4, (40,), generator=g)),
+                       data.InMemoryData(torch.randn(24, 8, generator=g), torch.randint(4, (24,), generator=g)))
+             for i in range(2)]
+    ends: list[nn.Module] = []
+    history = pl.train_continual(_net(), tasks, epochs_per_task=3, lr=1e-2, batch_size=8, probe_size=16,
+                                 on_task_end=lambda t, model, h: ends.append(copy.deepcopy(model)))
+    for t, (task, model) in enumerate(zip(tasks, ends)):
+        assert history.end_accuracy[t] == pl.task_accuracy(model, task, split="train")
+        assert history.test_accuracy[t] == pl.task_accuracy(model, task, split="test")
+        assert len(history.epoch_accuracy[t]) == 3
+        assert history.online_accuracy[t] == pytest.approx(sum(history.epoch_accuracy[t]) / 3, abs=1e-15)
+        feats = pl.hidden_features(model, task.train.x[:16])  # the probe: the task's first probe_size samples
+        assert history.effective_rank[t] == pytest.approx(pl.effective_rank(feats[-1]), rel=1e-12)
+        assert history.dormant[t] == pl.dormant_fraction(torch.cat(feats, 1))
+        assert history.weight_norm[t] == pytest.approx(math.sqrt(sum(float(p.double().square().sum()) for p in model.parameters())), rel=1e-12)
+    assert 0 < history.seconds[0] < history.seconds[1]
+
+
+def test_train_continual_keeps_one_optimizer_unless_reset() -> None:
+    """Adam's moments carry over between tasks by default (the same run as reset_optimizer=False); with
+    reset_optimizer=True the second task starts from fresh moments, so it ends elsewhere."""
+    tasks = _tasks(2)
+    default, kept, reset = _net(), _net(), _net()
+    options = dict(epochs_per_task=2, lr=1e-2, batch_size=8, measure=False)
+    pl.train_continual(default, tasks, **options)
+    pl.train_continual(kept, tasks, reset_optimizer=False, **options)
+    pl.train_continual(reset, tasks, reset_optimizer=True, **options)
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), kept.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(kept.parameters(), reset.parameters()))
 
 
 def test_dormant_fraction_known_answers() -> None:
