@@ -1378,6 +1378,24 @@ def test_a_fallback_layer_that_draws_random_numbers_is_refused(kind: str, check_
     check_function_and_meter(model, x, y, check_mode, loop=kind == "lstm")  # vmap has no rule for the fused LSTM
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_the_probe_on_cuda_inputs_keeps_its_model_state(training: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA inputs the probe's loop over the devices' RNG states rebound the name of its saved model state, so
+    its clean-up raised AttributeError ('Tensor' object has no attribute 'restore'): every measurement with the
+    default check failed on a GPU. Run here on CPU with the CUDA generator calls stubbed (no GPU was lent)."""
+    from gradiv_lib.norms import batch_axes
+
+    cuda_states: dict[int, Tensor] = {0: torch.zeros(16, dtype=torch.uint8)}
+    monkeypatch.setattr(batch_axes, "cuda_devices", lambda args: [0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: cuda_states[device].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=0: cuda_states.__setitem__(device, state.clone()))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.0), nn.Tanh(), nn.Linear(4, 3)).double().train(training)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with DiversityMeter(model) as meter:
+        F.cross_entropy(model(x), y).backward()
+    assert_norms_close(meter.sq_norms, reference_sq_norms(model, nn.CrossEntropyLoss(), x, y), 1e-10)
+
+
 def test_a_measurement_without_a_backward_pass_after_accumulated_gradients() -> None:
     """.grad already holds gradients (the meter then hooks every parameter) and no backward pass runs: 'no
     gradient reached', not the refusal of parameters used outside their modules, which reads .grad only when it

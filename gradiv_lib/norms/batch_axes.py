@@ -280,16 +280,11 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)  # the fused eval path skips the submodules' hooks
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-            for call_args, call_kwargs in calls:
-                torch.set_rng_state(states[0])
-                for d, state in zip(devices, states[1]):
-                    torch.cuda.set_rng_state(state, d)
-                run: Run = {}
-                set_run(run)
-                output = model(*call_args, **call_kwargs)
+            rng = _rng_states(devices)
+            for call in calls:
+                run, output = _run_from(rng, model, call, set_run, batch_size)
                 runs.append(run)
-                outputs.append([fingerprint(leaf, batch_size) for leaf in tree_flatten(output)[0]])
+                outputs.append(output)
     except Exception as error:
         raise ValueError(
             f"the batch-axis probe (forward passes of {type(model).__qualname__} in eval mode without autograd, "
@@ -342,6 +337,26 @@ def probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], batch
     return layout
 
 
+_RngStates = tuple[Tensor, list[tuple[int, Tensor]]]
+
+
+def _rng_states(devices: list[int]) -> _RngStates:
+    """The CPU generator's state and those of the given CUDA devices."""
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def _run_from(rng: _RngStates, model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]],
+              set_run: Callable[[Run | None], None], batch_size: int) -> tuple[Run, list[Fingerprint]]:
+    """One probe pass from the generator states ``rng``: the layers' fingerprints and the output's."""
+    torch.set_rng_state(rng[0])
+    for device, device_state in rng[1]:
+        torch.cuda.set_rng_state(device_state, device)
+    run: Run = {}
+    set_run(run)
+    output = model(*call[0], **call[1])
+    return run, [fingerprint(leaf, batch_size) for leaf in tree_flatten(output)[0]]
+
+
 def _training_pair(
     model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]], replaced: tuple[tuple[Any, ...], dict[str, Any]] | None,
     modes: list[tuple[nn.Module, bool]], state: _ModelState, devices: list[int], set_run: Callable[[Run | None], None],
@@ -361,17 +376,12 @@ def _training_pair(
         for m, mode in modes:
             m.training = mode
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-            for call_args, call_kwargs in (call, replaced):
+            rng = _rng_states(devices)
+            for one in (call, replaced):
                 state.restore()
-                torch.set_rng_state(states[0])
-                for d, rng in zip(devices, states[1]):
-                    torch.cuda.set_rng_state(rng, d)
-                run: Run = {}
-                set_run(run)
-                output = model(*call_args, **call_kwargs)
+                run, output = _run_from(rng, model, one, set_run, batch_size)
                 runs.append(run)
-                outputs.append([fingerprint(leaf, batch_size) for leaf in tree_flatten(output)[0]])
+                outputs.append(output)
     except Exception:
         return None
     finally:
