@@ -1325,6 +1325,38 @@ class DropoutEverywhere(nn.Module):
         return self.head(self.norm(h))
 
 
+class StepScale(nn.Module):
+    """Counts its training-mode calls in a buffer that the forward's autograd graph saves (h * step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.ones((), dtype=torch.float64))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.training:
+            self.step.add_(1)
+        return h * self.step
+
+
+def test_the_training_mode_probe_leaves_buffers_that_autograd_saved_alone() -> None:
+    """The training-mode pair updated such a buffer in place (and put it back in place), so the measured backward
+    pass raised PyTorch's 'modified by an inplace operation'. Its passes now run on copies of the buffers: the
+    counter moves once per measured step, and the norms are those of check='off' on an identical model."""
+    import copy
+
+    checked = nn.Sequential(nn.Linear(5, 4), StepScale(), nn.Tanh(), nn.Linear(4, 3)).double()
+    unchecked = copy.deepcopy(checked)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for step in (2.0, 3.0):
+        results = []
+        for model, check_mode in ((checked, "every_call"), (unchecked, "off")):
+            with DiversityMeter(model, check=check_mode) as meter:
+                F.cross_entropy(model(x), y).backward()
+            results.append(meter.sq_norms)
+            assert model[1].step.item() == step
+        assert torch.equal(*results)
+
+
 def test_dropout_and_stochastic_depth_in_training_mode_are_not_taken_for_mixing() -> None:
     """The training-mode pair draws the same masks for both runs, so position-tied noise is not mixing; and the
     probe's passes leave the RNG alone: the checked pass draws the masks an unmeasured pass draws, and its norms

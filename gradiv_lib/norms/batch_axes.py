@@ -367,11 +367,14 @@ def _training_pair(
     cannot see a module that mixes samples only while training (a batch-centring layer of the user's, mixup
     inside the model), and a rolled run in training mode would mistake a dropout mask, which is tied to batch
     positions, for mixing; the replaced run with the same RNG state draws the same masks, so every other
-    sample's slice must stay the same. Buffers are put back before each pass, so both see the same state."""
+    sample's slice must stay the same. Both passes start from the same state, on copies of the buffers."""
     if replaced is None or not any(mode for _, mode in modes):
         return None
     runs: list[Run] = []
     outputs: list[list[Fingerprint]] = []
+    # training-mode passes may update buffers in place (a step counter, running averages) that the measured
+    # forward's autograd graph saved: each pass works on fresh copies, and the buffers themselves stay untouched
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     try:
         for m, mode in modes:
             m.training = mode
@@ -379,12 +382,16 @@ def _training_pair(
             rng = _rng_states(devices)
             for one in (call, replaced):
                 state.restore()
+                for m, name, b in buffers:
+                    m._buffers[name] = b.clone()
                 run, output = _run_from(rng, model, one, set_run, batch_size)
                 runs.append(run)
                 outputs.append(output)
     except Exception:
         return None
     finally:
+        for m, name, b in buffers:
+            m._buffers[name] = b
         set_run(None)
         model.eval()
     return runs, outputs
