@@ -1421,11 +1421,19 @@ def test_the_probe_on_cuda_inputs_keeps_its_model_state(training: bool, monkeypa
     monkeypatch.setattr(batch_axes, "cuda_devices", lambda args: [0])
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: cuda_states[device].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=0: cuda_states.__setitem__(device, state.clone()))
-    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.0), nn.Tanh(), nn.Linear(4, 3)).double().train(training)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fallback layer's generator check reads them too
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.0), nn.Tanh(), nn.PReLU(), nn.Linear(4, 3)).double().train(training)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     with DiversityMeter(model) as meter:
         F.cross_entropy(model(x), y).backward()
     assert_norms_close(meter.sq_norms, reference_sq_norms(model, nn.CrossEntropyLoss(), x, y), 1e-10)
+    cuda_states[0] = torch.ones(16, dtype=torch.uint8)  # a draw on the (stubbed) device inside the fallback layer
+    prelu = model[3]
+    prelu.forward = lambda h: (cuda_states.__setitem__(0, torch.full((16,), 2, dtype=torch.uint8)), F.prelu(h, prelu.weight))[1]
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"layer '3' \(PReLU\) draws random numbers"):
+        with DiversityMeter(model, check="off"):
+            F.cross_entropy(model(x), y).backward()
 
 
 def test_a_measurement_without_a_backward_pass_after_accumulated_gradients() -> None:

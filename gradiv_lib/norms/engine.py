@@ -181,8 +181,8 @@ def _hook_target(output: Tensor) -> Tensor:
 def _rng_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[np.ndarray]:
     """The CPU generator's state and those of the CUDA devices the call's tensors are on (host copies)."""
     states = [torch.default_generator.get_state().numpy()]
-    for device in batch_axes.cuda_devices((args, kwargs)):
-        states.append(torch.cuda.get_rng_state(device).numpy())
+    if torch.cuda.is_available():  # (flattening the call's arguments costs more than the CPU state)
+        states += [torch.cuda.get_rng_state(device).numpy() for device in batch_axes.cuda_devices((args, kwargs))]
     return states
 
 
