@@ -1292,6 +1292,32 @@ def test_a_module_that_mixes_samples_in_training_mode_only_is_refused(mixer: typ
     check_function_and_meter(model, x, y, check_mode)
 
 
+class ScaledCentreWhenTraining(nn.Module):
+    """A layer with a parameter (so the fallback handles it) whose output mixes samples while training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h * self.scale
+        return h - h.mean(0, keepdim=True) if self.training else h
+
+
+@pytest.mark.parametrize("where", ["a layer's output", "the model's output"])
+def test_mixing_in_training_mode_at_a_layers_output_or_after_the_last_layer_is_refused(where: str) -> None:
+    """The training-mode pair marks layer outputs and the model's output too, not only layer inputs."""
+    if where == "a layer's output":
+        model, match = nn.Sequential(nn.Linear(5, 4), ScaledCentreWhenTraining()), r"layer '1' \(ScaledCentreWhenTraining\): its output"
+    else:
+        model, match = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), MixupWhenTraining()), r"the output of Sequential"
+    model = model.double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=match + ".*training mode only"):
+        with DiversityMeter(model):
+            F.cross_entropy(model(x), y).backward()
+
+
 @pytest.mark.parametrize("meter_after", ["same", "new"])
 def test_one_submodule_switched_to_a_mode_that_mixes_samples_is_probed_again(meter_after: str) -> None:
     """The cached layout was keyed by the root's mode only: after a checked call with the model in eval mode,
