@@ -1258,9 +1258,10 @@ def test_a_parameter_free_module_swapped_for_one_that_mixes_samples_is_probed_ag
     model[1] = CentreBatch()
     meter = meter if meter_after == "same" else DiversityMeter(model)
     model.zero_grad(set_to_none=True)
-    with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples"):
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples") as refused:
         with meter:
             F.cross_entropy(model(x), y).backward()
+    assert "training mode only" not in str(refused.value)  # it mixes in eval mode too
 
 
 class CentreBatchWhenTraining(nn.Module):

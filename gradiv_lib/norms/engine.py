@@ -68,6 +68,12 @@ GRAD_SUM_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
 
 
 _TRAINING = operator.attrgetter("training")
+_TRAINING_ONLY_NOTE = (
+    " This happens in training mode only: in eval mode the model treats samples independently, so a module of it "
+    "mixes samples while training (it normalises or mixes across the batch). Measure with that module in eval mode, "
+    "or make it per sample."
+)
+"""Appended to a refusal of mixed samples that the probe saw in training mode only."""
 
 
 @dataclass(eq=False)
@@ -620,24 +626,16 @@ class PerSampleNormEngine:
         (mixing after the last layer with parameters, or around layers whose parameters are frozen)."""
         path, what, leaf = layout.first_mixed
         layer = next((layer for layer in self._layers if layer.path == path), None) if path is not None else None
-        try:
-            if layer is not None:
-                self._refuse_axis(layer, what if layer.rule is not None else f"{what} {leaf}", MIXED)
-            raise ValueError(
-                f"the output of {type(module).__qualname__} (leaf {leaf} of its flattened output) does not treat the "
-                "samples independently: replacing one sample changes the other samples' outputs, so it mixes samples "
-                "(e.g. x - x.mean(0), a softmax or a sum across the batch, after the last layer with parameters) and "
-                "per-sample gradients are undefined. Keep every operation per sample, or pass check='off' if the "
-                "output draws noise in eval mode."
-            )
-        except ValueError as error:
-            if not layout.mixed_in_training_only:
-                raise
-            raise ValueError(
-                f"{error} This happens in training mode only: in eval mode the model treats samples independently, "
-                "so a module of it mixes samples while training (it normalises or mixes across the batch). Measure "
-                "with that module in eval mode, or make it per sample."
-            ) from None
+        note = _TRAINING_ONLY_NOTE if layout.mixed_in_training_only else ""
+        if layer is not None:
+            self._refuse_axis(layer, what if layer.rule is not None else f"{what} {leaf}", MIXED, note)
+        raise ValueError(
+            f"the output of {type(module).__qualname__} (leaf {leaf} of its flattened output) does not treat the "
+            "samples independently: replacing one sample changes the other samples' outputs, so it mixes samples "
+            "(e.g. x - x.mean(0), a softmax or a sum across the batch, after the last layer with parameters) and "
+            "per-sample gradients are undefined. Keep every operation per sample, or pass check='off' if the "
+            f"output draws noise in eval mode.{note}"
+        )
 
     def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
         """Run the model on the batch, on the batch rolled by one sample and on the batch with one sample
@@ -823,14 +821,16 @@ class PerSampleNormEngine:
             return None
         return root.layout.axes.get((layer.path, index))
 
-    def _refuse_axis(self, layer: _Layer, what: str, axis: int | None) -> None:
+    def _refuse_axis(self, layer: _Layer, what: str, axis: int | None, note: str = "") -> None:
+        """Raise for a layer whose ``what`` (input, output) has no batch axis: ``axis`` is ``MIXED`` (samples
+        mixed) or ``None`` (one value broadcast across the batch); ``note`` is appended to the message."""
         if axis == MIXED:
             raise ValueError(
                 f"layer {layer.name}: its {what} changes when the samples of the batch are permuted in a way no "
                 "axis explains, or changes for other samples when one sample is replaced, so it mixes samples "
                 "(batch statistics such as x - x.mean(0), a softmax, sum or reshape across the batch, or random "
                 "numbers drawn in eval mode); per-sample gradients are undefined. Make the model treat samples "
-                "independently, or pass check='off' if its forward draws noise in eval mode."
+                f"independently, or pass check='off' if its forward draws noise in eval mode.{note}"
             )
         raise ValueError(
             f"layer {layer.name}: its {what} is the same for every sample (it is computed once and broadcast "
