@@ -1475,3 +1475,50 @@ def test_a_measurement_without_a_backward_pass_after_accumulated_gradients() -> 
         model(x)
     with pytest.raises(RuntimeError, match="no gradient reached the model's trainable parameters"):
         meter.sq_norms
+
+
+class ScaledBilinear(nn.Module):
+    """A layer without a rule (the torch.func fallback measures it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(4, 4, 3)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.bilinear(h, h.tanh())
+
+
+@pytest.mark.parametrize("layer", ["rule", "fused", "fallback"])
+@pytest.mark.parametrize("held", [False, True])
+def test_a_backward_pass_after_the_measurement_through_its_retained_graph_is_not_counted(layer: str, held: bool) -> None:
+    """loss.backward(retain_graph=True) inside ``with meter:`` and another pass through that graph after it (a
+    second loss of a GAN or multi-task step): the layers' hooks stay on the retained graph and counted the later
+    pass as a second pass of the finished measurement, which reading it then refused ("2 backward passes")."""
+    if layer == "fused":
+        model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 3)).double()
+        x = torch.randn(6, 2, 8, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), ScaledBilinear() if layer == "fallback" else nn.Linear(4, 3)).double()
+        x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = reference_sq_norms(model, loss_fn, x, y)
+    meter = DiversityMeter(model)
+    if held:
+        meter.hold()
+    for _ in range(3):  # the first call checked, the next ones on the fast paths (fused layers from the second)
+        model.zero_grad(set_to_none=True)
+        with meter:
+            loss = loss_fn(model(x), y)
+            loss.backward(retain_graph=True)
+        loss.backward(retain_graph=True)  # outside the measurement
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+        assert meter.result.n == 6
+    # a pass through that graph inside the next measurement is still refused: .grad then holds both passes
+    model.zero_grad(set_to_none=True)
+    with meter:
+        loss_fn(model(x), y).backward()
+        loss.backward()
+    with pytest.raises(RuntimeError, match="2 backward passes"):
+        meter.result
+    meter.release()

@@ -131,8 +131,8 @@ class _OutputGradHook:
 
     def __call__(self, grad_output: Tensor) -> None:
         saved, self._saved = self._saved, None
-        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
-            self._engine._extra_passes = True
+        if saved is None:  # a second backward pass through a retained graph
+            self._engine._note_extra_pass()
             return
         if self._shape is not None:
             grad_output = grad_output.reshape(self._shape)
@@ -153,7 +153,7 @@ class _FusedReport:
     def __call__(self, grads: fused.PerSampleGrads, start: int) -> None:
         engine, layer = self._engine, self._layer
         if self._done:  # a second backward pass through a retained graph
-            engine._extra_passes = True
+            engine._note_extra_pass()
             return
         if start == 0:
             engine._on_backward()
@@ -533,6 +533,7 @@ class PerSampleNormEngine:
             )
         self.reset()
         self._idle = False
+        self._open = True
         # grad_source="backward": when every .grad is empty, the gradient of this backward pass is what
         # .grad holds when the pass ends (read by one callback, instead of one hook per parameter); a
         # gradient accumulated onto an earlier one, or a hook that acts on .grad after accumulation,
@@ -543,6 +544,7 @@ class PerSampleNormEngine:
         return self.attach()
 
     def __exit__(self, *exc_info: object) -> None:
+        self._open = False
         self._detach_parameter_hooks()
         if self._held:
             self._idle = True
@@ -550,6 +552,14 @@ class PerSampleNormEngine:
             self.detach()
 
     _held = False
+    _open = False  # between __enter__ and __exit__
+
+    def _note_extra_pass(self) -> None:
+        """A second backward pass through a layer's retained graph: inside the measurement, _check_complete
+        refuses it (.grad holds both passes); after ``with`` ended, the measurement was complete, so it is
+        none of the measurement's business (``loss.backward(retain_graph=True)`` inside, another pass outside)."""
+        if self._open:
+            self._extra_passes = True
 
     def hold(self) -> None:
         """Keep the hooks registered between measurements until :meth:`release` (for a training loop
@@ -935,8 +945,8 @@ class PerSampleNormEngine:
         self, layer: _Layer, root: _RootCall | None, index: int, saved_once: _SavedOnce, indices: list[int], n_out: int, grads: list[Tensor | None]
     ) -> None:
         saved = saved_once.take()
-        if saved is None:  # a second backward pass through a retained graph; _check_complete reports it
-            self._extra_passes = True
+        if saved is None:  # a second backward pass through a retained graph
+            self._note_extra_pass()
             return
         self._on_backward()
         args, kwargs, buffers_before = saved
