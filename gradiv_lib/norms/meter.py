@@ -102,7 +102,8 @@ class DiversityMeter:
     >>> meter.result.diversity  # doctest: +SKIP
 
     One meter context covers one forward and one backward pass; for gradient accumulation open one
-    per micro-batch.
+    per micro-batch. A later backward pass through the measured graph (``retain_graph=True``) after the
+    ``with`` block is not part of the measurement; inside the next one it is refused.
     """
 
     def __init__(
