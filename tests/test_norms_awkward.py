@@ -1522,3 +1522,134 @@ def test_a_backward_pass_after_the_measurement_through_its_retained_graph_is_not
     with pytest.raises(RuntimeError, match="2 backward passes"):
         meter.result
     meter.release()
+
+
+class CentresWhenAsked(nn.Module):
+    """A keyword argument decides whether the model mixes samples (x - x.mean(0) between its layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, centre: bool = False, scale: Tensor | None = None) -> Tensor:
+        h = self.a(x).tanh()
+        if scale is not None:
+            h = h * scale
+        return self.b(h - h.mean(0, keepdim=True) if centre else h)
+
+
+def test_a_keyword_argument_is_part_of_the_cached_layouts_key() -> None:
+    """A verified layout is cached per call signature; a call with another keyword argument (here one that makes
+    the model mix samples) must be probed again, not measured from the layout of the call without it."""
+    model = CentresWhenAsked().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x, centre=False), y).backward()
+        assert_norms_close(meter.sq_norms, reference_sq_norms(model, nn.CrossEntropyLoss(), x, y), 1e-10)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"layer 'b' \(Linear\): its input changes .* mixes samples"):
+        with meter:
+            F.cross_entropy(model(x, centre=True), y).backward()
+    # tensors passed by keyword are measured too (scale broadcast from a 0-d tensor)
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    expected = reference_sq_norms(nn.Sequential(model.a, nn.Tanh(), ScaleBy(0.5), model.b), nn.CrossEntropyLoss(), x, y)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x, scale=scale), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+
+
+class ScaleBy(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h * self.factor
+
+
+class TimeConditioned(nn.Module):
+    """forward(t, x) with a 0-d time first (an ODE right-hand side, a diffusion step): the batch is x's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x) * t))
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "off"])
+def test_a_zero_dimensional_tensor_before_the_batch_in_the_models_arguments(check_mode: str) -> None:
+    """The batch size is read from the first tensor argument with a dimension; a 0-d one before it (a time) has none."""
+    model = TimeConditioned().double()
+    t = torch.tensor(0.7, dtype=torch.float64)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = reference_sq_norms(nn.Sequential(model.a, ScaleBy(0.7), nn.Tanh(), model.b), nn.CrossEntropyLoss(), x, y)
+    meter = DiversityMeter(model, check=check_mode)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(t, x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)
+        assert meter.result.n == 6
+
+
+def test_two_backward_passes_are_refused_when_grad_already_held_a_gradient() -> None:
+    """With .grad filled before the measurement (accumulation) the meter counts passes by parameter hooks, not by
+    reading .grad at the end: two passes are refused there too."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    F.cross_entropy(model(x), y).backward()  # .grad holds an earlier gradient
+    meter = DiversityMeter(model)
+    for passes in ("retained graph", "two micro-batches"):
+        with meter:
+            if passes == "retained graph":
+                loss = F.cross_entropy(model(x), y)
+                loss.backward(retain_graph=True)
+                loss.backward()
+            else:
+                F.cross_entropy(model(x[:3]), y[:3]).backward()
+                F.cross_entropy(model(x[3:]), y[3:]).backward()
+        with pytest.raises(RuntimeError, match="2 backward passes"):
+            meter.result
+
+
+class SharedTableHead(nn.Module):
+    """A Linear applied to a table with no batch axis (computed once, then broadcast to every sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(7, 6))
+        self.proj = nn.Linear(6, 3)
+        self.a = nn.Linear(5, 7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) @ self.proj(self.table)
+
+
+def test_a_rule_layer_whose_output_has_no_batch_axis_is_refused_without_a_probe() -> None:
+    """With check='off' the batch axis comes from shapes: a Linear on a (7, 6) table in a batch of 6 sees B among its
+    input's sizes, but its output (7, 3) has none: one value for all samples, refused by name."""
+    model = SharedTableHead().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer 'proj' \(Linear\): its output is the same for every sample"):
+        with DiversityMeter(model, check="off") as meter:
+            F.cross_entropy(model(x), y).backward()
+        meter.sq_norms
+
+
+def test_a_layer_output_that_a_users_hook_mixes_is_refused() -> None:
+    """A forward hook of the user's that centres a Linear's output over the batch. The meter's own hook runs first
+    and sees the output before the user's hook mixes it, so the refusal names the next layer's input, where the
+    mixed samples arrive."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model[0].register_forward_hook(lambda module, args, out: out - out.mean(0, keepdim=True))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples"):
+        with DiversityMeter(model):
+            F.cross_entropy(model(x), y).backward()
