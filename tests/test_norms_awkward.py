@@ -1653,3 +1653,41 @@ def test_a_layer_output_that_a_users_hook_mixes_is_refused() -> None:
     with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its input changes .* mixes samples"):
         with DiversityMeter(model):
             F.cross_entropy(model(x), y).backward()
+
+
+class ScaledInput(nn.Module):
+    """forward(scale, x) or forward(x, scale): a scale vector shared by all samples beside the batch."""
+
+    def __init__(self, scale_first: bool) -> None:
+        super().__init__()
+        self.scale_first = scale_first
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+
+    def forward(self, first: Tensor, second: Tensor) -> Tensor:
+        scale, x = (first, second) if self.scale_first else (second, first)
+        return self.b(torch.tanh(self.a(x * scale)))
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "every_call", "off"])
+@pytest.mark.parametrize("batch", [6, 3])
+def test_an_unbatched_tensor_argument_before_the_batch_is_named_in_the_refusal(check_mode: str, batch: int) -> None:
+    """The meter reads the batch from dimension 0 of the model's tensor arguments. A scale vector of 5 passed before
+    a batch of 6 set B = 5, and the refusal blamed a layer ("no axis of size 5", or mixed samples) with no word of
+    the argument. The refusal now names the arguments' first dimensions and the way out; with the batch first, the
+    model is measured."""
+    model = ScaledInput(scale_first=True).double()
+    scale = torch.rand(5, dtype=torch.float64) + 0.5
+    x, y = torch.randn(batch, 5, dtype=torch.float64), torch.randint(0, 5, (batch,))
+    with pytest.raises(ValueError, match=rf"first dimensions \[5, {batch}\]: the meter reads the samples along "
+                                         r"dimension 0 of every tensor argument, and took B = 5 .* attribute or buffer"):
+        with DiversityMeter(model, check=check_mode) as meter:
+            F.cross_entropy(model(scale, x), y).backward()
+        meter.sq_norms
+    model.scale_first = False
+    expected = reference_sq_norms(nn.Sequential(ScaleBy(1.0), model.a, nn.Tanh(), model.b), nn.CrossEntropyLoss(), x * scale, y)
+    meter = DiversityMeter(model, check=check_mode)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with meter:
+            F.cross_entropy(model(x, scale), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-10)

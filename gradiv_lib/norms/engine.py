@@ -260,6 +260,7 @@ class _RootCall:
 
     base: dict[str, int]
     layout: Layout | None = None
+    leading_sizes: tuple[int, ...] = ()  # of the tensor arguments, kept when they differ (for error messages)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -590,13 +591,17 @@ class PerSampleNormEngine:
         if not self._recording():
             return
         plain_call = not kwargs and all(type(a) is Tensor or type(a) is nn.Parameter for a in args)
+        leaves = args if plain_call else tree_flatten((args, kwargs))[0]
         if self._batch_size is None:
-            leaves = args if plain_call else tree_flatten((args, kwargs))[0]
             first = next((leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0), None)
             if first is not None:
                 self._batch_size = int(first.shape[0])
         # where each layer's calls start in this root call (nothing ran yet: the common, first root call)
         self._root = _RootCall({layer.path: layer.calls for layer in self._layers} if self._layer_calls_seen() else {})
+        if len(leaves) > 1:  # tensor arguments that disagree on the batch: named if a layer is refused
+            sizes = tuple(int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0)
+            if len(set(sizes)) > 1:
+                self._root.leading_sizes = sizes
         if self._check == "off":
             return
         # the module tree and every module's mode are part of it: a cached layout (and its passed gradient check)
@@ -701,8 +706,21 @@ class PerSampleNormEngine:
                 f"{self._batch_size}, but the batch has {self._batch_size} samples; per-sample norms need every "
                 "layer call to see all samples along one axis: the batch cannot be flattened into another axis "
                 "(x.reshape(B * T, d): keep (B, T, d), Linear, LayerNorm and Embedding act on the last axes) "
-                "nor split over several calls (x.split(k): call the layer once on the whole batch)"
+                f"nor split over several calls (x.split(k): call the layer once on the whole batch).{self._arguments_note()}"
             )
+
+    def _arguments_note(self) -> str:
+        """For a refusal: the model's tensor arguments disagreed on their first dimension, which the meter reads
+        as the batch (an argument that is not batched, such as a scale vector passed first, sets a wrong B)."""
+        sizes = self._root.leading_sizes if self._root is not None else ()
+        if not sizes:
+            return ""
+        return (
+            f" The model's tensor arguments have first dimensions {list(sizes)}: the meter reads the samples along "
+            f"dimension 0 of every tensor argument, and took B = {self._batch_size} from the first. Pass a tensor that "
+            "is not batched (a scale, a mask or a table shared by all samples) as an attribute or buffer of the model, "
+            "or expand it along the batch."
+        )
 
     def _call_index(self, layer: _Layer) -> int:
         index = layer.calls - (self._root.base.get(layer.path, 0) if self._root is not None else 0)
@@ -823,7 +841,7 @@ class PerSampleNormEngine:
             f"layer {layer.name}: its {what} has shape {tuple(tensor.shape)}, with several axes of size B = "
             f"{self._batch_size}, and no probe has resolved which one holds the samples (the model itself was "
             f"not called inside the measurement, or check='off'). Call the model (not a submodule) inside the "
-            "measurement with check='first_call' or 'every_call', or use a batch size that no other axis has."
+            f"measurement with check='first_call' or 'every_call', or use a batch size that no other axis has.{self._arguments_note()}"
         )
 
     def _layout_entry(self, layer: _Layer, root: _RootCall | None, index: int) -> tuple[tuple[int | None, ...], tuple[int | None, ...]] | None:
@@ -840,12 +858,12 @@ class PerSampleNormEngine:
                 "axis explains, or changes for other samples when one sample is replaced, so it mixes samples "
                 "(batch statistics such as x - x.mean(0), a softmax, sum or reshape across the batch, or random "
                 "numbers drawn in eval mode); per-sample gradients are undefined. Make the model treat samples "
-                f"independently, or pass check='off' if its forward draws noise in eval mode.{note}"
+                f"independently, or pass check='off' if its forward draws noise in eval mode.{note}{self._arguments_note()}"
             )
         raise ValueError(
             f"layer {layer.name}: its {what} is the same for every sample (it is computed once and broadcast "
             "across the batch), so the gradient reaching the layer is already summed over samples and per-sample "
-            "gradients cannot be recovered. Expand the input along the batch first (e.g. positions.expand(B, -1))."
+            f"gradients cannot be recovered. Expand the input along the batch first (e.g. positions.expand(B, -1)).{self._arguments_note()}"
         )
 
     def _rule_axis(self, layer: _Layer, root: _RootCall | None, index: int, grad_output: Tensor) -> int:
@@ -866,7 +884,7 @@ class PerSampleNormEngine:
                 raise ValueError(
                     f"layer {layer.name} sees the samples along axis {axis} of its input (shape "
                     f"{tuple(grad_output.shape)} at the output); its per-sample rule needs them along one of the "
-                    f"first {limit} axes. Give the layer a batch-first input (transpose before it)."
+                    f"first {limit} axes. Give the layer a batch-first input (transpose before it).{self._arguments_note()}"
                 )
         return axis
 
