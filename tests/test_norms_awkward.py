@@ -1691,3 +1691,31 @@ def test_an_unbatched_tensor_argument_before_the_batch_is_named_in_the_refusal(c
         with meter:
             F.cross_entropy(model(x, scale), y).backward()
         assert_norms_close(meter.sq_norms, expected, 1e-10)
+
+
+class SlightLeak(nn.Module):
+    """A weight used by its Linear and, scaled by ``eps``, outside it (x @ W.T): a gradient the hooks do not see."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.fc, self.eps = nn.Linear(5, 3), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + self.eps * (x @ self.fc.weight.t())
+
+
+def test_the_gradient_check_scales_with_the_root_of_the_per_sample_norms() -> None:
+    """The check's scale is ‖∇L‖ + (Σ_i ‖g_i‖²)^½ (rounding grows with the per-sample gradients). With large inputs
+    the per-sample gradients are large: a scale growing like Σ_i ‖g_i‖² instead let a use outside the module that
+    changes the gradient by 1e-5 of its norm pass as rounding. In float64 it is refused; 1e-8 passes as rounding."""
+    torch.manual_seed(0)
+    x, y = 100 * torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    model = SlightLeak(1e-5).double()
+    with pytest.raises(ValueError, match="differs from the autograd gradient by 1e-05 of its norm"):
+        with DiversityMeter(model, loss_reduction="sum") as meter:
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+        meter.sq_norms
+    model = SlightLeak(1e-8).double()
+    with DiversityMeter(model, loss_reduction="sum") as meter:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert meter.sq_norms.shape == (64,)
