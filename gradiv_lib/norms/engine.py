@@ -90,6 +90,7 @@ class _Layer:
     fusable: bool = False
     buffers_before: Any = field(default=None, repr=False)  # fallback layers: buffer state as the forward began
     rng_before: Any = field(default=None, repr=False)  # fallback layers: the random generators' states as it began
+    encloses_layers: bool = False  # fallback layers: another layer's module runs inside this one (shared with it)
     param_ids: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -242,8 +243,12 @@ def _plan_layers(model: nn.Module) -> tuple[list[_Layer], list[tuple[str, nn.Mod
 
     visit(model, "")
     uses = Counter(pid for layer in layers for pid in layer.param_ids)
+    layer_modules = {id(layer.module) for layer in layers}
     for layer in layers:
         layer.shares_parameters = any(uses[pid] > 1 for pid in layer.param_ids)
+        # a module both in a fallback layer's subtree and a layer of its own elsewhere (a Linear used directly and
+        # inside a custom module with a parameter): the fallback's recomputation covers its calls inside
+        layer.encloses_layers = layer.rule is None and any(id(m) in layer_modules for m in layer.module.modules() if m is not layer.module)
     return layers, computed
 
 
@@ -419,6 +424,8 @@ class PerSampleNormEngine:
                                        for layer in self._layers if layer.rule is None and next(layer.module.buffers(), None) is not None]
         # a fallback layer that draws random numbers (dropout inside it in training mode) cannot be recomputed
         self._rng_snapshot_hooks = [(layer.module, partial(self._snapshot_rng, layer)) for layer in self._layers if layer.rule is None]
+        self._enclosing_hooks = [(layer.module, self._enter_enclosing) for layer in self._layers if layer.encloses_layers]
+        self._enclosing_depth = 0  # fallback layers enclosing other layers whose forward is running
         self._parameter_hooks = [(p, partial(self._record_parameter_grad, id(p))) for p in self._parameters]
         self.reset()
 
@@ -470,6 +477,7 @@ class PerSampleNormEngine:
             # first: before a pre-hook that updates buffers too (the legacy spectral_norm's power iteration)
             handles += [module.register_forward_pre_hook(hook, prepend=True) for module, hook in self._buffer_snapshot_hooks]
             handles += [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in self._rng_snapshot_hooks]
+            handles += [module.register_forward_pre_hook(hook) for module, hook in self._enclosing_hooks]
             self._handles = handles
         if not self._reading and not self._parameter_handles:
             self._parameter_handles = [p.register_hook(hook) for p, hook in self._parameter_hooks]
@@ -588,6 +596,7 @@ class PerSampleNormEngine:
         return not self._paused and not self._idle and self._probe_run is None and torch.is_grad_enabled()
 
     def _on_root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._enclosing_depth = 0  # (a forward that raised inside an enclosing layer left it raised)
         if not self._recording():
             return
         plain_call = not kwargs and all(type(a) is Tensor or type(a) is nn.Parameter for a in args)
@@ -727,8 +736,15 @@ class PerSampleNormEngine:
         layer.calls += 1
         return index
 
+    def _enter_enclosing(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Before the forward of a fallback layer that encloses other layers: their calls inside it are not
+        recorded (its recomputation differentiates them; recording them too counted those uses twice)."""
+        self._enclosing_depth += 1
+
     def _record_rule_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor | None:
         # every rule layer's forward takes one tensor, ``input``: layer(x) or layer(input=x)
+        if self._enclosing_depth:  # called inside a fallback layer, which covers this call
+            return
         if self._probe_run is not None:
             self._probe_record(layer, [args[0] if args else kwargs["input"]], [output])
             return
@@ -791,6 +807,11 @@ class PerSampleNormEngine:
         return {name: before for name, b, version, before in snapshot if now.get(name) is not b or b._version != version}
 
     def _record_fallback_call(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if layer.encloses_layers:
+            self._enclosing_depth -= 1
+        if self._enclosing_depth:  # called inside a fallback layer, which covers this call
+            layer.buffers_before = layer.rng_before = None
+            return None
         buffers_before = self._changed_buffers(layer) if layer.buffers_before is not None else {}
         if self._probe_run is not None:
             self._probe_record(layer, tree_flatten((args, kwargs))[0], tree_flatten(output)[0])
