@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from .norms.loss_scale import batch_loss_factor_on, check_loss_shapes_on
+from .stateless import functional_call
 from .workers._engines import FlatSpec
 
 __all__ = [

@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .. import data as gdata
 from .. import models, results, scaling
 from ..diversity import gradient_diversity
+from ..stateless import functional_call
 from . import with_overrides
 
 __all__ = ["PRESETS", "batch_size_bounds", "build_family", "check_schedule", "diversity_along_training", "half_squared_error",

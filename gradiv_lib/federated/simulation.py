@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from ..data import InMemoryData
 from ..norms.loss_scale import check_loss_shapes_on
 from ..results import save_checkpoint
+from ..stateless import functional_call
 from ..workers._engines import FlatSpec, bmm_layers, forward_mixes_samples, sample_mixing_layers
 from ..workers.simulator import diversity_variants
 from ._checks import _check_real, _is_int

@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from gradiv_lib.stateless import functional_call
 
 _warned_layer_types: set[type[nn.Module]] = set()
 """Layer types already reported by :func:`warn_fallback_once` in this process."""

@@ -17,9 +17,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from ..norms.rules import computes_its_class_formula
+from ..stateless import functional_call
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -57,7 +58,7 @@ class FlatSpec:
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` (``(P,)`` or ``(M, P)``) shaped like each parameter (leading ``M`` kept)."""
         lead = flat.shape[:-1]
-        return [t.view(*lead, *s) for t, s in zip(flat.split(self.numels, dim=-1), self.shapes)]
+        return [t.view((*lead, *s)) for t, s in zip(flat.split(self.numels, dim=-1), self.shapes)]  # a tuple: 0-d parameters too
 
     def as_dict(self, flat: Tensor) -> dict[str, Tensor]:
         """``{name: view}`` for ``functional_call``."""

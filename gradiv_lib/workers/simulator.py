@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state
+from torch.func import stack_module_state
 
 from ..data import InMemoryData, partition_iid
 from ..diversity import DiversityResult, diversity_from_grads
 from ..norms.loss_scale import check_loss_shapes_on
+from ..stateless import functional_call
 from ._engines import (ENGINES, ChunkedEngine, Engine, FlatSpec, eligible_engines, forward_mixes_samples, make_engine, per_sample_grads,
                        pick_engine, sample_mixing_layers)
 from .algorithms import DSGD, SGD, LocalSGD, MinibatchSGD, ShardSampler, check_algorithm, sgd_update
