@@ -41,12 +41,18 @@ def check_function_and_meter(model: nn.Module, x: Tensor, y: Tensor, check_mode:
     loss_fn = nn.CrossEntropyLoss()
     expected = reference_sq_norms(model, loss_fn, x, y, loop=loop)
     assert_norms_close(per_sample_sq_norms(model, loss_fn, x, y, check=check_mode), expected, 1e-10)
+    check_meter_calls(model, (x,), y, expected, check_mode)
+
+
+def check_meter_calls(model: nn.Module, args: tuple[Tensor, ...], y: Tensor, expected: Tensor, check_mode: str, calls: int = 2) -> DiversityMeter:
+    """``calls`` measurements of one meter around ``cross_entropy(model(*args), y)``, each equal to ``expected``."""
     meter = DiversityMeter(model, check=check_mode)
-    for _ in range(2):
+    for _ in range(calls):
         model.zero_grad(set_to_none=True)
         with meter:
-            loss_fn(model(x), y).backward()
+            F.cross_entropy(model(*args), y).backward()
         assert_norms_close(meter.sq_norms, expected, 1e-10)
+    return meter
 
 
 class MatmulTiedLM(nn.Module):
@@ -1590,13 +1596,7 @@ def test_a_zero_dimensional_tensor_before_the_batch_in_the_models_arguments(chec
     t = torch.tensor(0.7, dtype=torch.float64)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     expected = reference_sq_norms(nn.Sequential(model.a, ScaleBy(0.7), nn.Tanh(), model.b), nn.CrossEntropyLoss(), x, y)
-    meter = DiversityMeter(model, check=check_mode)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        with meter:
-            F.cross_entropy(model(t, x), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-10)
-        assert meter.result.n == 6
+    assert check_meter_calls(model, (t, x), y, expected, check_mode).result.n == 6
 
 
 def test_two_backward_passes_are_refused_when_grad_already_held_a_gradient() -> None:
@@ -1685,12 +1685,7 @@ def test_an_unbatched_tensor_argument_before_the_batch_is_named_in_the_refusal(c
         meter.sq_norms
     model.scale_first = False
     expected = reference_sq_norms(nn.Sequential(ScaleBy(1.0), model.a, nn.Tanh(), model.b), nn.CrossEntropyLoss(), x * scale, y)
-    meter = DiversityMeter(model, check=check_mode)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        with meter:
-            F.cross_entropy(model(x, scale), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-10)
+    check_meter_calls(model, (x, scale), y, expected, check_mode)
 
 
 class SlightLeak(nn.Module):
