@@ -31,11 +31,12 @@ def reparametrized(module: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator
     for name, tensor in tensors.items():
         owner_path, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_path)
-        original = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr, None)
-        if original is None and attr not in owner._parameters and attr not in owner._buffers:
+        if attr not in owner._parameters and attr not in owner._buffers:
             raise KeyError(f"functional_call: {name!r} is neither a parameter nor a buffer of {type(module).__qualname__}")
-        if original is not None:
-            replacements[id(original)] = tensor
+        original = owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
+        if original is None:  # (bias=False): nothing to replace, and the forward would not use it
+            raise KeyError(f"functional_call: {name!r} of {type(module).__qualname__} is None, so it cannot be replaced")
+        replacements[id(original)] = tensor
     swapped: list[tuple[dict[str, Any], str, Tensor]] = []
     try:
         for owner in module.modules():  # each module once, whatever the number of names it has

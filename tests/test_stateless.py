@@ -112,6 +112,10 @@ def test_the_originals_are_restored_when_the_call_raises() -> None:
     with pytest.raises(KeyError, match="'a.scale' is neither a parameter nor a buffer"):
         with reparametrized(model, {"a.scale": torch.ones(())}):
             pass
+    no_bias = nn.Linear(4, 4, bias=False)
+    with pytest.raises(KeyError, match="'bias' of Linear is None, so it cannot be replaced"):
+        functional_call(no_bias, {"bias": torch.zeros(4)}, (torch.randn(2, 4),))
+    assert no_bias.bias is None
 
 
 def test_the_meter_leaves_a_model_with_an_aliased_module_intact_and_measures_it() -> None:
