@@ -27,6 +27,17 @@ def reparametrized(module: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator
     """Inside the block, ``module``'s parameters and buffers named in ``tensors`` (names as in
     ``module.named_parameters()`` / ``named_buffers()``) are the given tensors, in every module and slot that
     held them; the originals are back afterwards."""
+    swapped: list[tuple[dict[str, Any], str, Tensor]] = []
+    try:
+        _swap_in(module, _replacements(module, tensors), swapped)
+        yield
+    finally:
+        for slots, attr, original in reversed(swapped):
+            slots[attr] = original
+
+
+def _replacements(module: nn.Module, tensors: Mapping[str, Tensor]) -> dict[int, Tensor]:
+    """``{id(tensor the module holds): its replacement}`` for the names in ``tensors``."""
     replacements: dict[int, Tensor] = {}
     for name, tensor in tensors.items():
         owner_path, _, attr = name.rpartition(".")
@@ -37,18 +48,18 @@ def reparametrized(module: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator
         if original is None:  # (bias=False): nothing to replace, and the forward would not use it
             raise KeyError(f"functional_call: {name!r} of {type(module).__qualname__} is None, so it cannot be replaced")
         replacements[id(original)] = tensor
-    swapped: list[tuple[dict[str, Any], str, Tensor]] = []
-    try:
-        for owner in module.modules():  # each module once, whatever the number of names it has
-            for slots in (owner._parameters, owner._buffers):
-                for attr, original in slots.items():
-                    if original is not None and id(original) in replacements:
-                        swapped.append((slots, attr, original))
-                        slots[attr] = replacements[id(original)]
-        yield
-    finally:
-        for slots, attr, original in reversed(swapped):
-            slots[attr] = original
+    return replacements
+
+
+def _swap_in(module: nn.Module, replacements: dict[int, Tensor], swapped: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+    """Put each replacement in every slot holding its original, recording ``(slots, name, original)`` in
+    ``swapped`` as it goes (so a failure half-way is undone too)."""
+    for owner in module.modules():  # each module once, whatever the number of names it has
+        for slots in (owner._parameters, owner._buffers):
+            for attr, original in slots.items():
+                if original is not None and id(original) in replacements:
+                    swapped.append((slots, attr, original))
+                    slots[attr] = replacements[id(original)]
 
 
 def functional_call(

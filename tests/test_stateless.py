@@ -109,7 +109,7 @@ def test_the_originals_are_restored_when_the_call_raises() -> None:
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         functional_call(model, _params(model), (torch.randn(2, 5, dtype=torch.float64),))
     assert _parameter_objects(model) == before
-    with pytest.raises(KeyError, match="'a.scale' is neither a parameter nor a buffer"):
+    with pytest.raises(KeyError, match="'a.scale' is neither a parameter nor a buffer of Aliased"):
         with reparametrized(model, {"a.scale": torch.ones(())}):
             pass
     no_bias = nn.Linear(4, 4, bias=False)
@@ -177,3 +177,32 @@ def test_the_simulator_on_a_model_with_an_aliased_module_and_a_scalar_parameter(
     for backend in ("vmap", "vmap_grad"):
         torch.testing.assert_close(params[backend], params["loop"], rtol=1e-10, atol=1e-12)
     assert not torch.equal(params["loop"][:, -1], torch.ones(4, dtype=torch.float64))  # the temperature trained
+
+
+class Keyworded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        return self.fc(x) * scale
+
+
+def test_keyword_arguments_and_a_single_tensor_for_args() -> None:
+    """As torch's: ``args`` may be one tensor instead of a tuple, and ``kwargs`` reach the forward."""
+    model = Keyworded().double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = (x @ w.t() + b) * 3.0
+    torch.testing.assert_close(functional_call(model, {"fc.weight": w, "fc.bias": b}, x, {"scale": 3.0}), expected)
+    torch.testing.assert_close(functional_call(model, {"fc.weight": w, "fc.bias": b}, (x,), {"scale": 3.0}), expected)
+
+
+def test_tensors_not_named_keep_their_values() -> None:
+    """Only the named tensors are replaced; the others (here a bias-free layer's None slot too) stay the module's."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    got = functional_call(model, {"2.weight": w}, (x,))
+    torch.testing.assert_close(got, torch.tanh(x @ model[0].weight.t()) @ w.t() + model[2].bias)
+    assert type(model[2].weight) is nn.Parameter and model[0].bias is None
