@@ -1688,6 +1688,50 @@ def test_an_unbatched_tensor_argument_before_the_batch_is_named_in_the_refusal(c
     check_meter_calls(model, (x, scale), y, expected, check_mode)
 
 
+class SharedProjection(nn.Module):
+    """A shared ``[d, d]`` matrix passed as an argument: with a batch of ``d`` samples it has B rows by coincidence.
+    ``after_last``: applied after the last layer (the model's output mixes), else between the two layers."""
+
+    def __init__(self, after_last: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.after_last = nn.Linear(6, 6), nn.Linear(6, 6), after_last
+
+    def forward(self, x: Tensor, projection: Tensor) -> Tensor:
+        if self.after_last:
+            return self.b(torch.tanh(self.a(x))) @ projection
+        return self.b(torch.tanh(self.a(x)) @ projection)
+
+
+@pytest.mark.parametrize("after_last", [False, True])
+@pytest.mark.parametrize("check_mode", ["first_call", "every_call"])
+def test_an_unbatched_argument_with_b_rows_is_named_in_the_refusal(check_mode: str, after_last: bool) -> None:
+    """A shared 6x6 matrix passed with a batch of 6 is permuted by the probe with the samples, which looks like
+    mixing: the refusal named only the mixing (a wrong cause). It now says that both arguments have 6 rows, that
+    the meter took each as batched, and the way out; passed as an attribute, the same model is measured."""
+    torch.manual_seed(0)
+    model = SharedProjection(after_last).double()
+    x, projection = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    y = torch.randint(0, 6, (6,))
+    with pytest.raises(ValueError, match=r"mixes samples.*The model's two tensor arguments both have 6 rows, and the "
+                                         r"meter took each as one row per sample .* attribute or buffer of the model"):
+        with DiversityMeter(model, check=check_mode) as meter:
+            F.cross_entropy(model(x, projection), y).backward()
+        meter.sq_norms
+
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+            self.register_buffer("projection", projection)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x, self.projection)
+
+    wrapped = WithBuffer()
+    expected = reference_sq_norms(wrapped, nn.CrossEntropyLoss(), x, y, loop=True)
+    check_meter_calls(wrapped, (x,), y, expected, check_mode)
+
+
 class SlightLeak(nn.Module):
     """A weight used by its Linear and, scaled by ``eps``, outside it (x @ W.T): a gradient the hooks do not see."""
 

@@ -61,7 +61,9 @@ def autocast_dtype(device: str) -> torch.dtype:
 
 
 def reference_sq_norms(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, *, loop: bool = False) -> Tensor:
-    """‖∇_w ℓ_i‖² with ℓ_i = loss_fn(model(x_i), y_i), by vmap(grad) (or a loop over samples)."""
+    """‖∇_w ℓ_i‖² with ℓ_i = loss_fn(model(x_i), y_i), by vmap(grad) over ``torch.func.functional_call``, or
+    (``loop``) by one ``torch.autograd.grad`` per sample through the model itself, which swaps no tensors (right
+    for models that register a module under two names, which torch's ``functional_call`` leaves corrupted)."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
 
@@ -72,11 +74,16 @@ def reference_sq_norms(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor
         grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1).double()
         return flat.square().sum(1)
+    live = [p for p in model.parameters() if p.requires_grad]
     norms = []
-    for i in range(x.shape[0]):
-        live = {k: v.clone().requires_grad_() for k, v in params.items()}
-        gs = torch.autograd.grad(sample_loss(live, x[i], y[i]), list(live.values()), allow_unused=True)
-        norms.append(sum(g.double().square().sum() for g in gs if g is not None))
+    try:
+        for i in range(x.shape[0]):
+            gs = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), live, allow_unused=True)
+            norms.append(sum(g.double().square().sum() for g in gs if g is not None))
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
     return torch.stack(norms)
 
 

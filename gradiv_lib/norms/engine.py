@@ -265,7 +265,7 @@ class _RootCall:
 
     base: dict[str, int]
     layout: Layout | None = None
-    leading_sizes: tuple[int, ...] = ()  # of the tensor arguments, kept when they differ (for error messages)
+    leading_sizes: tuple[int, ...] = ()  # of the tensor arguments, kept when there are several (for error messages)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -607,9 +607,9 @@ class PerSampleNormEngine:
                 self._batch_size = int(first.shape[0])
         # where each layer's calls start in this root call (nothing ran yet: the common, first root call)
         self._root = _RootCall({layer.path: layer.calls for layer in self._layers} if self._layer_calls_seen() else {})
-        if len(leaves) > 1:  # tensor arguments that disagree on the batch: named if a layer is refused
+        if len(leaves) > 1:  # several tensor arguments: their first dimensions are named if a layer is refused
             sizes = tuple(int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0)
-            if len(set(sizes)) > 1:
+            if len(sizes) > 1:
                 self._root.leading_sizes = sizes
         if self._check == "off":
             return
@@ -658,7 +658,7 @@ class PerSampleNormEngine:
             "samples independently: replacing one sample changes the other samples' outputs, so it mixes samples "
             "(e.g. x - x.mean(0), a softmax or a sum across the batch, after the last layer with parameters) and "
             "per-sample gradients are undefined. Keep every operation per sample, or pass check='off' if the "
-            f"output draws noise in eval mode.{note}"
+            f"output draws noise in eval mode.{note}{self._arguments_note()}"
         )
 
     def _probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Layout:
@@ -719,16 +719,26 @@ class PerSampleNormEngine:
             )
 
     def _arguments_note(self) -> str:
-        """For a refusal: the model's tensor arguments disagreed on their first dimension, which the meter reads
-        as the batch (an argument that is not batched, such as a scale vector passed first, sets a wrong B)."""
+        """For a refusal: the model has several tensor arguments, and the meter reads the samples along dimension 0
+        of each. Where they disagree on it, an argument that is not batched (a scale vector passed first) set a
+        wrong B; where they agree, one that is not batched but has B rows (a shared B x B matrix) was probed as
+        batched, which looks like mixing."""
         sizes = self._root.leading_sizes if self._root is not None else ()
         if not sizes:
             return ""
+        shared = (
+            "Pass a tensor that is not batched (a scale, a mask or a table shared by all samples) as an attribute or "
+            "buffer of the model, or expand it along the batch."
+        )
+        if len(set(sizes)) > 1:
+            return (
+                f" The model's tensor arguments have first dimensions {list(sizes)}: the meter reads the samples along "
+                f"dimension 0 of every tensor argument, and took B = {self._batch_size} from the first. {shared}"
+            )
         return (
-            f" The model's tensor arguments have first dimensions {list(sizes)}: the meter reads the samples along "
-            f"dimension 0 of every tensor argument, and took B = {self._batch_size} from the first. Pass a tensor that "
-            "is not batched (a scale, a mask or a table shared by all samples) as an attribute or buffer of the model, "
-            "or expand it along the batch."
+            f" The model's {'two' if len(sizes) == 2 else len(sizes)} tensor arguments {'both' if len(sizes) == 2 else 'all'} have {sizes[0]} rows, and the meter took each as one row "
+            f"per sample (the probe permuted them together); if one is not batched and only has B = {sizes[0]} rows "
+            f"by coincidence, that alone looks like mixing. {shared}"
         )
 
     def _call_index(self, layer: _Layer) -> int:
