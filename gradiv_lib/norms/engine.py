@@ -333,7 +333,10 @@ class PerSampleNormEngine:
         ``"first_call"`` (default): run the batch-axis probe and the gradient-sum check once per model
         and input signature; ``"every_call"``: on every measurement (for models whose control flow
         changes between calls); ``"off"``: never — batch axes are then read from shapes, and a shape
-        with several axes of size B is refused.
+        with several axes of size B is refused. The probe runs the model's forward three more times
+        (five with a module in training mode), without autograd; buffers are put back afterwards, but
+        Python side effects of ``forward`` (a call counter, a user's hook that records activations)
+        happen on those passes too.
     grad_source
         Where :math:`\\|\\sum_i \\nabla\\ell_i\\|^2` comes from: ``"hooks"`` (one hook per parameter; works
         with ``torch.autograd.grad``) or ``"backward"`` (read from ``.grad`` once when the backward pass

@@ -75,7 +75,9 @@ class DiversityMeter:
         ``"auto"``, ``"gram"`` or ``"materialize"`` for sequence Linear layers and convolutions.
     check
         When to run the batch-axis probe and the gradient-sum check: ``"first_call"`` (once per model
-        and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`).
+        and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`). The probe
+        runs extra forward passes without autograd: Python side effects of ``forward`` (a counter, a hook
+        of yours that records activations) happen on them too; buffers are put back.
     exact_grad
         ``True``: leave every weight gradient to autograd, so ``.grad`` is bit for bit what it is
         without the meter (costs one more weight-gradient computation per conv or sequence Linear layer
