@@ -1415,7 +1415,8 @@ def test_dropout_and_stochastic_depth_in_training_mode_are_not_taken_for_mixing(
 
 
 class DropoutInsideFallbackLayers(nn.Module):
-    """Attention dropout and an LSTM's dropout between its layers: random draws inside layers without a rule."""
+    """An LSTM's dropout between its layers, or attention dropout with the attention weights used: random draws
+    inside layers that only the torch.func fallback covers."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -1424,7 +1425,11 @@ class DropoutInsideFallbackLayers(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.embed(x))
-        h = self.inner(h, h, h, need_weights=False)[0] if self.kind == "attention" else self.inner(h)[0]
+        if self.kind == "attention":
+            h, weights = self.inner(h, h, h)
+            h = h * (1 + weights.sum(-1, keepdim=True))
+        else:
+            h = self.inner(h)[0]
         return self.head(h.mean(1))
 
 
@@ -1433,7 +1438,7 @@ class DropoutInsideFallbackLayers(nn.Module):
 def test_a_fallback_layer_that_draws_random_numbers_is_refused(kind: str, check_mode: str) -> None:
     """The fallback recomputed such a layer with other random draws: the gradient check refused it as a use
     outside the module, and with check='off' the norms were wrong silently. Refused by name now; in eval mode
-    (no dropout drawn) the layer is measured exactly."""
+    (no dropout drawn) the layer is measured exactly. (Attention dropout alone is redrawn: see below.)"""
     model = DropoutInsideFallbackLayers(kind).double()
     x, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(ValueError, match=r"layer 'inner' \((MultiheadAttention|LSTM)\) draws random numbers in its forward.*eval mode"):
@@ -1441,6 +1446,110 @@ def test_a_fallback_layer_that_draws_random_numbers_is_refused(kind: str, check_
             F.cross_entropy(model(x), y).backward()
     model.eval()
     check_function_and_meter(model, x, y, check_mode, loop=kind == "lstm")  # vmap has no rule for the fused LSTM
+
+
+def same_draws_reference(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """‖∇_w ℓ_i‖² through one forward pass of the whole batch from RNG seed ``seed`` (so with the dropout masks the
+    measured pass draws), by one ``torch.autograd.grad`` per sample's loss."""
+    torch.manual_seed(seed)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms.append(sum(g.double().square().sum() for g in grads if g is not None))
+    return torch.stack(norms)
+
+
+class AttentionWithDropout(nn.Module):
+    """Multi-head attention with dropout on its weights while training: batch first or not (then the model
+    transposes around it), self- or cross-attention (other key and value widths), ``need_weights`` either way,
+    the layer called once or twice (its parameters then have two uses)."""
+
+    def __init__(self, batch_first: bool, cross: bool, need_weights: bool, twice: bool) -> None:
+        super().__init__()
+        self.batch_first, self.cross, self.need_weights, self.twice = batch_first, cross, need_weights, twice
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.memory = nn.Linear(3, 5) if cross else None
+        extra = {"kdim": 5, "vdim": 5} if cross else {}
+        self.attention = nn.MultiheadAttention(4, 2, dropout=0.3, batch_first=batch_first, **extra)
+
+    def attend(self, q: Tensor, kv: Tensor) -> Tensor:
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        out = self.attention(q, kv, kv, need_weights=self.need_weights)[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x))
+        kv = torch.tanh(self.memory(x)) if self.cross else h
+        h = self.attend(h, kv)
+        if self.twice and not self.cross:
+            h = self.attend(torch.tanh(h), torch.tanh(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("check_mode", ["first_call", "every_call", "off"])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("variant", ["batch_first", "sequence_first", "cross", "twice"])
+def test_attention_dropout_while_training_is_measured_with_the_same_masks(variant: str, need_weights: bool, check_mode: str) -> None:
+    """nn.MultiheadAttention(dropout > 0) in training mode (nn.TransformerEncoderLayer's default) was refused: the
+    rule recomputed the attention without the mask. It now draws the mask again from the generators' states saved
+    before the layer's forward. Reference: the per-sample gradients through one forward pass of the batch with the
+    same seed; three steps, each with new masks."""
+    torch.manual_seed(0)
+    model = AttentionWithDropout(variant != "sequence_first", variant == "cross", need_weights, variant == "twice").double()
+    x, y = torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model, check=check_mode)
+    for step in range(3):
+        expected = same_draws_reference(model, x, y, seed=step)
+        torch.manual_seed(step)
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-9, f"{variant} step {step}")
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_transformer_encoder_with_its_default_dropout_is_measured(dtype: torch.dtype) -> None:
+    """The standard nn.TransformerEncoder (two layers, dropout=0.1 by default) in training mode, float32 and
+    float64, under the default check and a second, unchecked call."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.encoder(x)[:, 0])
+
+    model = Encoder().to(dtype)
+    x, y = torch.randn(6, 5, 8, dtype=dtype), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model)
+    for step in range(2):
+        expected = same_draws_reference(model, x, y, seed=step)
+        torch.manual_seed(step)
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-4 if dtype == torch.float32 else 1e-9, f"step {step}")
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_a_redrawn_attention_mask_that_differs_is_refused(need_weights: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right or loud: if the recomputation drew its mask from another state (here the generators are not put back),
+    the check of the recomputed output and of the generators' final states raises instead of returning norms for
+    another mask."""
+    from gradiv_lib.norms import rules_attention
+
+    monkeypatch.setattr(rules_attention, "_set_rng", lambda states, devices: None)
+    model = AttentionWithDropout(True, False, need_weights, False).double()
+    x, y = torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"dropout=0.3 while training: redrawing its dropout mask .* did not reproduce"):
+        with DiversityMeter(model, check="off"):
+            F.cross_entropy(model(x), y).backward()
 
 
 @pytest.mark.parametrize("training", [False, True])

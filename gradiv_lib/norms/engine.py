@@ -796,18 +796,30 @@ class PerSampleNormEngine:
         the CPU generator and of the CUDA generators of its inputs' devices."""
         layer.rng_before = _rng_states(args, kwargs) if self._recording() else None
 
-    def _refuse_random_draws(self, layer: _Layer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """After a fallback layer's forward: refuse it if the forward drew random numbers (on every call,
-        whatever ``check`` says: the recomputation would draw others and give wrong norms silently)."""
+    def _random_draws(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> rules_attention.Replay | None:
+        """After a fallback layer's forward: ``None`` if it drew no random numbers; for attention whose dropout
+        mask the batched rule can draw again, what that needs; otherwise raise (on every call, whatever ``check``
+        says: the recomputation would draw others and give wrong norms silently)."""
         before, layer.rng_before = layer.rng_before, None
-        if before is None or all(np.array_equal(a, b) for a, b in zip(before, _rng_states(args, kwargs))):
-            return
-        raise ValueError(
+        if before is None:
+            return None
+        after = _rng_states(args, kwargs)
+        if all(np.array_equal(a, b) for a, b in zip(before, after)):
+            return None
+        if rules_attention.supports(module, args, kwargs) and rules_attention.dropout_p(module) > 0.0:
+            devices = batch_axes.cuda_devices((args, kwargs)) if len(before) > 1 else []
+            return rules_attention.Replay(before, after, devices, bool(kwargs.get("need_weights", True)), output.detach().clone())
+        raise self._random_draws_error(layer)
+
+    @staticmethod
+    def _random_draws_error(layer: _Layer, note: str = "") -> ValueError:
+        return ValueError(
             f"layer {layer.name} draws random numbers in its forward (dropout inside it while training, e.g. "
-            "nn.MultiheadAttention(dropout>0) or nn.LSTM(dropout>0)); it has no per-sample rule, and the torch.func "
-            "fallback recomputes its per-sample gradients with other random draws, so its norms would be wrong. "
-            "Measure with that layer in eval mode (layer.eval(): dropout off inside it), or set its dropout to 0, "
-            "or move the dropout out of the layer (dropout on its inputs or outputs is fine)."
+            "nn.LSTM(dropout>0), or nn.MultiheadAttention(dropout>0) with a mask or in half precision); it has no "
+            "per-sample rule that draws them again, and the torch.func fallback recomputes its per-sample gradients "
+            f"with other random draws, so its norms would be wrong.{note} Measure with that layer in eval mode "
+            "(layer.eval(): dropout off inside it), or set its dropout to 0, or move the dropout out of the layer "
+            "(dropout on its inputs or outputs is fine)."
         )
 
     @staticmethod
@@ -835,7 +847,7 @@ class PerSampleNormEngine:
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
         if not indices:
             return None
-        self._refuse_random_draws(layer, args, kwargs)
+        replay = self._random_draws(layer, module, args, kwargs, leaves[0]) if layer.rng_before is not None else None
         if any(isinstance(arg, nn.utils.rnn.PackedSequence) for arg in (*args, *kwargs.values())):  # a namedtuple: tree_flatten would open it
             raise ValueError(
                 f"layer {layer.name} was called on a PackedSequence, which puts the time steps of all samples "
@@ -848,7 +860,7 @@ class PerSampleNormEngine:
         call = self._call_index(layer)
         if not rules_attention.supports(module, args, kwargs):
             warn_fallback_once(module, layer.path)
-        saved = _SavedOnce((*tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)), buffers_before))
+        saved = _SavedOnce((*tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, (args, kwargs)), buffers_before, replay))
         hook = partial(self._on_fallback_output_grads, layer, self._root, call, saved, indices, len(leaves))
         replaced = None
         if len(indices) > 1:
@@ -1001,14 +1013,18 @@ class PerSampleNormEngine:
             self._note_extra_pass()
             return
         self._on_backward()
-        args, kwargs, buffers_before = saved
+        args, kwargs, buffers_before, replay = saved
         in_leaves, _ = tree_flatten((args, kwargs))
         out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
         in_axes, out_axes = self._fallback_axes(layer, root, index, in_leaves, out_grads, n_out)
         self._low_precision |= any(g.dtype in _HALF for g in out_grads.values())
         if set(out_grads) == {0} and None not in in_axes[:3] and rules_attention.supports(layer.module, args, kwargs):
-            self._attention_rule(layer, args[:3], in_axes[:3], out_grads[0].movedim(out_axes[0], 0))
+            if replay is not None:
+                replay.output = replay.output.movedim(out_axes[0], 0)
+            self._attention_rule(layer, args[:3], in_axes[:3], out_grads[0].movedim(out_axes[0], 0), replay)
             return
+        if replay is not None:  # (the attention weights reached the loss, or the module left training mode)
+            raise self._random_draws_error(layer, " Here the attention weights it returns are used too, which only the fallback covers.")
         self._paused = True
         try:
             per_sample = fallback_per_sample_grads(
@@ -1027,12 +1043,13 @@ class PerSampleNormEngine:
                     self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()}, sq_norms)
         layer.covered = True
 
-    def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor) -> None:
-        """nn.MultiheadAttention by one batched recomputation (``rules_attention.py``)."""
+    def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor, replay: rules_attention.Replay | None) -> None:
+        """nn.MultiheadAttention by one batched recomputation (``rules_attention.py``; ``replay``: to draw its
+        dropout mask again)."""
         materialize = self._materializes(layer)
         batch_first = tuple(t.movedim(axis, 0) for t, axis in zip(inputs, axes))
         sq_norms, per_sample, sums = rules_attention.attention_grads(
-            layer.module, set(layer.params), batch_first, delta, self._strategy, materialize, self._verify and not materialize
+            layer.module, set(layer.params), batch_first, delta, self._strategy, materialize, self._verify and not materialize, replay
         )
         with torch.no_grad():
             if materialize:

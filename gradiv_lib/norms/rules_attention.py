@@ -19,14 +19,23 @@ squared norm is the sum of theirs. Cost: one extra attention forward and backwar
 instead of ``vmap(grad)`` over samples.
 
 Supported: ``batch_first`` either way, self- and cross-attention (``kdim``/``vdim``), with or without
-bias, no masks, ``dropout == 0`` or eval mode, no ``add_bias_kv``/``add_zero_attn``, the attention
-weights unused. Anything else goes to the exact ``torch.func`` fallback.
+bias, no masks, no ``add_bias_kv``/``add_zero_attn``, the attention weights unused. Dropout on the
+attention weights while training (``dropout > 0``, as in ``nn.TransformerEncoderLayer``'s default) is
+replayed: the engine keeps the random generators' states from just before the layer's forward, and
+the recomputation restores them and draws again on a tensor of the same shape, the same way the
+module did (``need_weights=True``: dropout on the explicit attention matrix; ``False``: inside
+``scaled_dot_product_attention``), so it applies the same mask. Every such call is checked: the
+recomputed output must equal the module's own (to rounding of float32/float64, the only dtypes replayed)
+and the generators must end where the forward left them; otherwise it raises. Anything else goes to the
+exact ``torch.func`` fallback, which refuses a layer that drew random numbers.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,14 +46,66 @@ _MASK_ARGUMENTS = ("key_padding_mask", "attn_mask")
 
 
 def supports(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether this call of ``module`` is one the batched rule reproduces exactly."""
+    """Whether this call of ``module`` is one the batched rule reproduces exactly (dropout while training only
+    where :func:`replays_dropout`)."""
     if type(module) is not nn.MultiheadAttention or len(args) < 3 or len(args) > 4:
         return False
-    if module.bias_k is not None or module.add_zero_attn or (module.training and module.dropout > 0):
+    if module.bias_k is not None or module.add_zero_attn:
         return False
     if (len(args) == 4 and args[3] is not None) or any(kwargs.get(name) is not None for name in _MASK_ARGUMENTS):
         return False
-    return not kwargs.get("is_causal", False)
+    if kwargs.get("is_causal", False):
+        return False
+    return dropout_p(module) == 0.0 or replays_dropout(module, args)
+
+
+def dropout_p(module: nn.MultiheadAttention) -> float:
+    """The dropout probability the module applies in its current mode."""
+    return float(module.dropout) if module.training else 0.0
+
+
+def replays_dropout(module: nn.MultiheadAttention, args: tuple[Any, ...]) -> bool:
+    """Whether the recomputation can draw the module's dropout mask again: float32/float64 inputs, no autocast
+    (another dtype would draw on another tensor)."""
+    q = args[0]
+    return (
+        isinstance(q, Tensor) and q.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled(q.device.type)
+    )
+
+
+class Replay:
+    """What redrawing a dropout mask needs: the random generators' states just before the module's forward
+    (``rng``: CPU first, then the CUDA devices in ``devices``), those just after it (``rng_after``), the
+    ``need_weights`` of the call, and the module's output, batch first (``output``)."""
+
+    __slots__ = ("rng", "rng_after", "devices", "need_weights", "output")
+
+    def __init__(self, rng: list[Any], rng_after: list[Any], devices: list[int], need_weights: bool, output: Tensor) -> None:
+        self.rng, self.rng_after, self.devices, self.need_weights, self.output = rng, rng_after, devices, need_weights, output
+
+
+def _set_rng(states: list[Any], devices: list[int]) -> None:
+    torch.default_generator.set_state(torch.from_numpy(states[0]))
+    for device, state in zip(devices, states[1:]):
+        torch.cuda.set_rng_state(torch.from_numpy(state), device)
+
+
+def _rng_now(devices: list[int]) -> list[Any]:
+    return [torch.default_generator.get_state().numpy()] + [torch.cuda.get_rng_state(d).numpy() for d in devices]
+
+
+def _core(split: list[Tensor], p: float, need_weights: bool) -> Tensor:
+    """softmax(Q_h K_hᵀ/√d_h) V_h per head, with dropout ``p`` on the attention weights drawn the way
+    ``F.multi_head_attention_forward`` draws it (an explicit ``[B·H, L, S]`` matrix when it returns the weights,
+    else inside ``scaled_dot_product_attention``). ``split``: q, k, v as ``[B, H, L, d_h]``."""
+    if p == 0.0 or not need_weights:
+        return F.scaled_dot_product_attention(*split, dropout_p=p)
+    q, k, v = split
+    batch, heads, length, head_dim = q.shape
+    flat = [t.reshape(batch * heads, t.shape[2], head_dim) for t in (q, k, v)]
+    weights = torch.softmax(torch.bmm(flat[0] * math.sqrt(1.0 / head_dim), flat[1].transpose(1, 2)), dim=-1)
+    return torch.bmm(F.dropout(weights, p=p), flat[2]).view(batch, heads, length, head_dim)
 
 
 def _working(t: Tensor) -> Tensor:
@@ -69,13 +130,15 @@ def attention_grads(
     strategy: SequenceStrategy,
     materialize: bool,
     want_sums: bool,
+    replay: Replay | None = None,
 ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
     """Per-sample squared norms (or per-sample gradients) of the attention's trainable parameters.
 
     ``inputs`` are batch-first ``(q, k, v)`` and ``delta`` the batch-first output gradient; ``names``
     the trainable parameter names relative to ``module``. Returns ``(sq_norms, per_sample, sums)``:
     ``sq_norms`` is ``None`` and ``per_sample`` filled when ``materialize``; ``sums`` (the batch
-    gradient the rule implies, for the engine's check) only when ``want_sums``.
+    gradient the rule implies, for the engine's check) only when ``want_sums``. ``replay``: the states that
+    redraw the forward's dropout mask (required when the module drops out, see the module docstring).
     """
     q, k, v = (_working(t) for t in inputs)
     delta = _working(delta)
@@ -83,10 +146,18 @@ def attention_grads(
     heads = module.num_heads
     head_dim = embed // heads
     out_weight = _working(module.out_proj.weight.detach())
-    with torch.enable_grad():
+    p = dropout_p(module)
+    if p > 0.0 and replay is None:
+        raise RuntimeError(f"attention_grads: {type(module).__name__} drops out (p={p}) but no replay state was kept")
+    with torch.enable_grad(), torch.random.fork_rng(devices=replay.devices if replay is not None else [], enabled=p > 0.0):
+        if p > 0.0:
+            _set_rng(replay.rng, replay.devices)
         projected = [F.linear(x, w, b).detach().requires_grad_() for x, (w, b) in zip((q, k, v), _projections(module))]
-        split = [p.view(batch, p.shape[1], heads, head_dim).transpose(1, 2) for p in projected]
-        core = F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(batch, length, embed)
+        split = [t.view(batch, t.shape[1], heads, head_dim).transpose(1, 2) for t in projected]
+        need_weights = replay.need_weights if replay is not None else False
+        core = _core(split, p, need_weights).transpose(1, 2).reshape(batch, length, embed)
+        if p > 0.0:
+            _check_replay(module, core, replay)
         core_delta = delta @ out_weight
         deltas = torch.autograd.grad(core, projected, core_delta)
     blocks = {
@@ -118,3 +189,29 @@ def attention_grads(
         if want_sums:
             sums[name] = per_sample_bias.sum(0)
     return sq_norms, per_sample, sums
+
+
+_REPLAY_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+"""Largest relative difference between the recomputed and the module's output when the mask was redrawn
+(rounding: separate projections against the packed one; a different mask changes dropped entries by whole
+attention weights)."""
+
+
+def _check_replay(module: nn.MultiheadAttention, core: Tensor, replay: Replay) -> None:
+    """Raise unless the redrawn dropout mask is the forward's: the generators must end where the forward left
+    them, and the recomputed output must equal the module's."""
+    with torch.no_grad():
+        out_proj = module.out_proj
+        recomputed = F.linear(core, out_proj.weight.detach(), None if out_proj.bias is None else out_proj.bias.detach())
+        output = replay.output
+        scale = float(output.abs().max()) or 1.0
+        difference = float((recomputed - output).abs().max()) / scale
+    same_draws = all(np.array_equal(a, b) for a, b in zip(_rng_now(replay.devices), replay.rng_after))
+    if same_draws and difference <= _REPLAY_TOLERANCE[output.dtype]:
+        return
+    raise ValueError(
+        f"nn.MultiheadAttention with dropout={module.dropout} while training: redrawing its dropout mask for the "
+        f"per-sample gradients did not reproduce its forward pass ({'' if same_draws else 'other random draws; '}"
+        f"output differs by {difference:.2g} of its largest entry), so its norms would be wrong. Measure with the "
+        "layer in eval mode (layer.eval()), or set its dropout to 0."
+    )
