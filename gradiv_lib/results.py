@@ -88,6 +88,14 @@ def check_writable_folder(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path}: cannot write there ({error.strerror or error}); give a writable folder") from None
 
 
+NUMERICS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+"""Environment that pins torch's CPU kernels to the AVX2 instruction set on x86-64: torch's own vectorised kernels
+(``ATEN_CPU_CAPABILITY``), MKL's matrix products in conditional-numerical-reproducibility mode (``MKL_CBWR``) and
+oneDNN's convolutions (``ONEDNN_MAX_CPU_ISA``). With it a machine with AVX-512 and one without run the same
+kernels, so a training run gives the same bits on both (at the same thread count) instead of drifting apart;
+``gradiv regenerate`` sets it for the shipped results and their check."""
+
+
 def machine_info(device: Any = None) -> dict[str, Any]:
     """Versions, processor, core count, torch threads and (if CUDA) the GPU name."""
     import torch
@@ -100,7 +108,11 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device) if device is not None else "cpu",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    pinned = {name: os.environ[name] for name in NUMERICS_ENV if name in os.environ}
+    if pinned:   # kernels pinned to one instruction set (gradiv regenerate does, for results that must match bit for bit)
+        info["numerics"] = pinned
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():   # a data-parallel run

@@ -192,3 +192,37 @@ def test_compare_flags_changed_numbers_and_ignores_timings():
 def test_shipped_results_are_read_only_package_data():
     assert Path(results.__file__).parent / "_results" == results.RESULTS_DIR
     assert "importlib" in Path(results.__file__).read_text()
+
+
+def test_regenerate_pins_the_cpu_kernels_to_avx2_on_x86(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result made on a processor with AVX-512 drifted, over a training run, from its rerun on one without (CI
+    failed on batch sizes and accuracies of DiveBatch). The shipped results and their check now run with torch's,
+    MKL's and oneDNN's kernels pinned to AVX2 on x86-64 (a value the caller set wins), recorded with the result;
+    nothing is pinned on other processors."""
+    import platform
+
+    import torch
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert regenerate.pinned_numerics({}) == results.NUMERICS_ENV
+    assert regenerate.pinned_numerics({"MKL_CBWR": "COMPATIBLE"})["MKL_CBWR"] == "COMPATIBLE"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert regenerate.pinned_numerics({}) == {}
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert regenerate.pinned_numerics({}) == {}
+    for name, value in results.NUMERICS_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert results.machine_info()["numerics"] == results.NUMERICS_ENV
+    monkeypatch.delenv("MKL_CBWR")
+    assert "MKL_CBWR" not in results.machine_info()["numerics"]
+
+
+def test_regenerate_runs_its_commands_with_the_pinned_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment of the rerun's process carries the pins (they act only when set before torch starts)."""
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(regenerate, "pinned_numerics", lambda env: {"ATEN_CPU_CAPABILITY": "avx2"})
+    monkeypatch.setattr(subprocess, "run", lambda command, env: seen.update(env) or subprocess.CompletedProcess(command, 0))
+    code, _ = regenerate.regenerate_one(registry.by_name("ch04/divebatch_digits"), Path("/nonexistent"))
+    assert code == 0 and seen["ATEN_CPU_CAPABILITY"] == "avx2" and seen["GRADIV_THREADS"]

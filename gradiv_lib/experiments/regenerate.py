@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,18 @@ def compare(shipped: Any, new: Any, entry: Shipped, path: str = "") -> list[str]
     return [] if shipped == new or not numbers else [f"{path}: {shipped!r} shipped, {new!r} now"]
 
 
+def pinned_numerics(env: dict[str, str]) -> dict[str, str]:
+    """:data:`gradiv_lib.results.NUMERICS_ENV` on an x86-64 machine with AVX2 (a value the caller set wins); nothing
+    elsewhere. The shipped results were made with it, so their rerun on another x86 processor matches to the bit."""
+    import torch
+
+    from ..results import NUMERICS_ENV
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return {}
+    return {name: env.get(name, value) for name, value in NUMERICS_ENV.items()}
+
+
 def regenerate_one(entry: Shipped, out: Path) -> tuple[int, float]:
     """Run ``entry``'s command with ``--out out`` in a fresh process; returns (exit status, seconds)."""
     tail = [] if entry.args[0] == "bench" else ["--no-progress"]
@@ -81,6 +94,7 @@ def regenerate_one(entry: Shipped, out: Path) -> tuple[int, float]:
         env["GRADIV_THREADS"] = str(results.load(entry.name)["machine"].get("torch_threads") or 1)
     except (FileNotFoundError, KeyError, ValueError):
         env["GRADIV_THREADS"] = "1"
+    env.update(pinned_numerics(env))
     package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, [env.get("PYTHONPATH")])])
     start = time.perf_counter()

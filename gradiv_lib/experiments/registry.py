@@ -39,9 +39,13 @@ class Shipped:
     minutes: float = 1.0          #: rough duration on two cores, for planning
 
     # The default tolerance: on the machine and thread count that made a result the rerun is identical to the last
-    # bit; another CPU (other kernels, other summation orders) drifts over a training run, by about 1 % in late
-    # losses and by one test sample (0.0028 on digits) in an accuracy, as a run with two threads instead of one
-    # shows. A change of the library that alters a result moves batch sizes, losses and accuracies by more.
+    # bit. Another CPU runs other kernels (other summation orders) and drifts over a training run: by about 1 % in
+    # late losses and one test sample (0.0028 on digits) in an accuracy, as a run with two threads instead of one
+    # shows, and by far more where a run is chaotic (DiveBatch with linear learning-rate scaling on digits: its
+    # batch-size bound and accuracy of one seed moved by 3x and 0.03 between a processor with AVX-512 and one
+    # without). So the reruns pin the x86 kernels to AVX2 (``regenerate.pinned_numerics``) and those machines
+    # compute the same bits. A change of the library that alters a result moves batch sizes, losses and accuracies
+    # by more than the tolerance.
 
     @property
     def args(self) -> list[str]:
