@@ -1510,6 +1510,79 @@ def test_attention_dropout_while_training_is_measured_with_the_same_masks(varian
         model.zero_grad()
 
 
+class MaskedAttention(nn.Module):
+    """Attention with masks made from the samples themselves (a padding mask from the keys' first feature, never the
+    first key) or shared by all samples (a causal 2-D mask, or ``is_causal`` with it), boolean or additive."""
+
+    def __init__(self, padding: str, shared: str, dropout: float, need_weights: bool, batch_first: bool, cross: bool) -> None:
+        super().__init__()
+        self.padding, self.shared, self.need_weights, self.batch_first, self.cross = padding, shared, need_weights, batch_first, cross
+        self.embed, self.memory, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+        self.attention = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=batch_first)
+
+    def forward(self, x: Tensor, m: Tensor) -> Tensor:
+        q = torch.tanh(self.embed(x))
+        source = m if self.cross else x
+        kv = torch.tanh(self.memory(m)) if self.cross else q
+        padding = shared = None
+        if self.padding != "none":
+            padding = source[:, :, 0] > 0.7
+            padding[:, 0] = False
+            if self.padding == "additive":
+                padding = torch.zeros(padding.shape, dtype=x.dtype).masked_fill(padding, float("-inf"))
+        if self.shared != "none":
+            shared = torch.triu(torch.ones(q.shape[1], kv.shape[1], dtype=torch.bool), 1)
+            if self.padding == "additive":
+                shared = torch.zeros(shared.shape, dtype=x.dtype).masked_fill(shared, float("-inf"))
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        out = self.attention(q, kv, kv, key_padding_mask=padding, attn_mask=shared, need_weights=self.need_weights,
+                             is_causal=self.shared == "causal")[0]
+        return self.head((out if self.batch_first else out.transpose(0, 1)).mean(1))
+
+
+MASKED_ATTENTION = [
+    (padding, shared, layout)
+    for padding, shared in [("boolean", "none"), ("additive", "none"), ("none", "mask"), ("boolean", "mask"), ("additive", "mask"),
+                            ("none", "causal"), ("boolean", "causal")]
+    for layout in ["self_batch_first", "self_sequence_first", "cross_batch_first", "cross_sequence_first"]
+    if not (shared == "causal" and layout.startswith("cross"))  # a causal mask is for self-attention
+]
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("padding,shared,layout", MASKED_ATTENTION)
+def test_masked_attention_is_measured_by_the_batched_rule(padding: str, shared: str, dropout: float, need_weights: bool, layout: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention with a padding mask or a shared mask went to the torch.func fallback (and with dropout while training
+    it was refused). The batched rule now merges the masks as torch does and covers every such call, with dropout
+    drawn again; the reference is one forward pass of the batch per step, differentiated sample by sample."""
+    from gradiv_lib.norms import rules_attention
+
+    calls: list[int] = []
+    original = rules_attention.attention_grads
+    monkeypatch.setattr(rules_attention, "attention_grads", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    model = MaskedAttention(padding, shared, dropout, need_weights, layout.endswith("batch_first"), layout.startswith("cross")).double()
+    x, m, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for check_mode in ["first_call", "off"]:
+        meter = DiversityMeter(model, check=check_mode)
+        for step in range(2):
+            torch.manual_seed(step)
+            losses = F.cross_entropy(model(x, m), y, reduction="none")
+            params = [p for p in model.parameters() if p.requires_grad]
+            expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                                        if g is not None) for loss in losses])
+            calls.clear()
+            torch.manual_seed(step)
+            with meter:
+                F.cross_entropy(model(x, m), y).backward()
+            assert calls, "the batched rule was not used"
+            assert_norms_close(meter.sq_norms, expected, 1e-9, f"{check_mode} step {step}")
+            model.zero_grad()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_transformer_encoder_with_its_default_dropout_is_measured(dtype: torch.dtype) -> None:
     """The standard nn.TransformerEncoder (two layers, dropout=0.1 by default) in training mode, float32 and

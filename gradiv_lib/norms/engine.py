@@ -808,7 +808,7 @@ class PerSampleNormEngine:
             return None
         if rules_attention.supports(module, args, kwargs) and rules_attention.dropout_p(module) > 0.0:
             devices = batch_axes.cuda_devices((args, kwargs)) if len(before) > 1 else []
-            return rules_attention.Replay(before, after, devices, bool(kwargs.get("need_weights", True)), output.detach().clone())
+            return rules_attention.Replay(before, after, devices, output.detach().clone())
         raise self._random_draws_error(layer)
 
     @staticmethod
@@ -1018,10 +1018,12 @@ class PerSampleNormEngine:
         out_grads = {i: g for i, g in zip(indices, grads) if g is not None}
         in_axes, out_axes = self._fallback_axes(layer, root, index, in_leaves, out_grads, n_out)
         self._low_precision |= any(g.dtype in _HALF for g in out_grads.values())
-        if set(out_grads) == {0} and None not in in_axes[:3] and rules_attention.supports(layer.module, args, kwargs):
+        call_masks = self._attention_masks(layer, args, kwargs, in_leaves, in_axes) if set(out_grads) == {0} else None
+        if call_masks is not None:
             if replay is not None:
                 replay.output = replay.output.movedim(out_axes[0], 0)
-            self._attention_rule(layer, args[:3], in_axes[:3], out_grads[0].movedim(out_axes[0], 0), replay)
+            self._attention_rule(layer, args[:3], in_axes[:3], out_grads[0].movedim(out_axes[0], 0), replay, call_masks,
+                                 bool(kwargs.get("need_weights", True)))
             return
         if replay is not None:  # (the attention weights reached the loss, or the module left training mode)
             raise self._random_draws_error(layer, " Here the attention weights it returns are used too, which only the fallback covers.")
@@ -1043,13 +1045,33 @@ class PerSampleNormEngine:
                     self._add_grad_sums(layer, {name: g.sum(0) for name, g in per_sample.items()}, sq_norms)
         layer.covered = True
 
-    def _attention_rule(self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor, replay: rules_attention.Replay | None) -> None:
+    @staticmethod
+    def _attention_masks(layer: _Layer, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: list[Any], axes: list[int | None]) -> tuple[Any, Any, bool] | None:
+        """For a call of nn.MultiheadAttention the batched rule covers (``rules_attention.supports``, q, k and v per
+        sample): its masks, the padding mask batch first; ``None`` for any other call (the fallback's)."""
+        if None in axes[:3] or MIXED in axes[:3] or not rules_attention.supports(layer.module, args, kwargs):
+            return None
+        padding, attn_mask, is_causal = rules_attention.masks(args, kwargs)
+        axis_of = {id(leaf): axis for leaf, axis in zip(leaves, axes)}
+        if padding is not None:
+            if axis_of.get(id(padding)) not in (0, 1):  # one row per sample, on either axis
+                return None
+            padding = padding.movedim(axis_of[id(padding)], 0)
+        if attn_mask is not None and axis_of.get(id(attn_mask)) is not None:  # one mask for all samples only
+            return None
+        return padding, attn_mask, is_causal
+
+    def _attention_rule(
+        self, layer: _Layer, inputs: tuple[Tensor, ...], axes: list[int], delta: Tensor, replay: rules_attention.Replay | None,
+        call_masks: tuple[Any, Any, bool], need_weights: bool,
+    ) -> None:
         """nn.MultiheadAttention by one batched recomputation (``rules_attention.py``; ``replay``: to draw its
         dropout mask again)."""
         materialize = self._materializes(layer)
         batch_first = tuple(t.movedim(axis, 0) for t, axis in zip(inputs, axes))
         sq_norms, per_sample, sums = rules_attention.attention_grads(
-            layer.module, set(layer.params), batch_first, delta, self._strategy, materialize, self._verify and not materialize, replay
+            layer.module, set(layer.params), batch_first, delta, self._strategy, materialize, self._verify and not materialize, replay,
+            call_masks, need_weights,
         )
         with torch.no_grad():
             if materialize:

@@ -19,7 +19,9 @@ squared norm is the sum of theirs. Cost: one extra attention forward and backwar
 instead of ``vmap(grad)`` over samples.
 
 Supported: ``batch_first`` either way, self- and cross-attention (``kdim``/``vdim``), with or without
-bias, no masks, no ``add_bias_kv``/``add_zero_attn``, the attention weights unused. Dropout on the
+bias, a ``key_padding_mask`` (one row per sample), a 2-D ``attn_mask`` and ``is_causal`` (one mask for all
+samples; boolean or additive, merged as ``F.multi_head_attention_forward`` merges them), no
+``add_bias_kv``/``add_zero_attn``, the attention weights unused. Dropout on the
 attention weights while training (``dropout > 0``, as in ``nn.TransformerEncoderLayer``'s default) is
 replayed: the engine keeps the random generators' states from just before the layer's forward, and
 the recomputation restores them and draws again on a tensor of the same shape, the same way the
@@ -42,19 +44,24 @@ from torch import Tensor, nn
 
 from gradiv_lib.norms.rules import SequenceStrategy, _linear_sequence_weight_sq_norms
 
-_MASK_ARGUMENTS = ("key_padding_mask", "attn_mask")
+def masks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """``(key_padding_mask, attn_mask, is_causal)`` of a call of ``nn.MultiheadAttention``."""
+    padding = args[3] if len(args) == 4 else kwargs.get("key_padding_mask")
+    return padding, kwargs.get("attn_mask"), bool(kwargs.get("is_causal", False))
 
 
 def supports(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether this call of ``module`` is one the batched rule reproduces exactly (dropout while training only
-    where :func:`replays_dropout`)."""
+    """Whether this call of ``module`` is one the batched rule reproduces exactly: masks of one row per sample
+    (``key_padding_mask``, ``[B, S]``) or one for all samples (a 2-D ``attn_mask``, ``is_causal``); dropout while
+    training only where :func:`replays_dropout`."""
     if type(module) is not nn.MultiheadAttention or len(args) < 3 or len(args) > 4:
         return False
-    if module.bias_k is not None or module.add_zero_attn:
+    if module.bias_k is not None or module.add_zero_attn or not isinstance(args[0], Tensor) or args[0].dim() != 3:
         return False
-    if (len(args) == 4 and args[3] is not None) or any(kwargs.get(name) is not None for name in _MASK_ARGUMENTS):
+    padding, attn_mask, _ = masks(args, kwargs)
+    if padding is not None and (not isinstance(padding, Tensor) or padding.dim() != 2):
         return False
-    if kwargs.get("is_causal", False):
+    if attn_mask is not None and (not isinstance(attn_mask, Tensor) or attn_mask.dim() != 2):
         return False
     return dropout_p(module) == 0.0 or replays_dropout(module, args)
 
@@ -76,13 +83,13 @@ def replays_dropout(module: nn.MultiheadAttention, args: tuple[Any, ...]) -> boo
 
 class Replay:
     """What redrawing a dropout mask needs: the random generators' states just before the module's forward
-    (``rng``: CPU first, then the CUDA devices in ``devices``), those just after it (``rng_after``), the
-    ``need_weights`` of the call, and the module's output, batch first (``output``)."""
+    (``rng``: CPU first, then the CUDA devices in ``devices``), those just after it (``rng_after``), and the
+    module's output, batch first (``output``)."""
 
-    __slots__ = ("rng", "rng_after", "devices", "need_weights", "output")
+    __slots__ = ("rng", "rng_after", "devices", "output")
 
-    def __init__(self, rng: list[Any], rng_after: list[Any], devices: list[int], need_weights: bool, output: Tensor) -> None:
-        self.rng, self.rng_after, self.devices, self.need_weights, self.output = rng, rng_after, devices, need_weights, output
+    def __init__(self, rng: list[Any], rng_after: list[Any], devices: list[int], output: Tensor) -> None:
+        self.rng, self.rng_after, self.devices, self.output = rng, rng_after, devices, output
 
 
 def _set_rng(states: list[Any], devices: list[int]) -> None:
@@ -95,17 +102,46 @@ def _rng_now(devices: list[int]) -> list[Any]:
     return [torch.default_generator.get_state().numpy()] + [torch.cuda.get_rng_state(d).numpy() for d in devices]
 
 
-def _core(split: list[Tensor], p: float, need_weights: bool) -> Tensor:
-    """softmax(Q_h K_hᵀ/√d_h) V_h per head, with dropout ``p`` on the attention weights drawn the way
-    ``F.multi_head_attention_forward`` draws it (an explicit ``[B·H, L, S]`` matrix when it returns the weights,
-    else inside ``scaled_dot_product_attention``). ``split``: q, k, v as ``[B, H, L, d_h]``."""
-    if p == 0.0 or not need_weights:
-        return F.scaled_dot_product_attention(*split, dropout_p=p)
+def _merged_mask(module: nn.MultiheadAttention, padding: Tensor | None, attn_mask: Tensor | None, is_causal: bool,
+                 need_weights: bool, dtype: torch.dtype, batch: int) -> tuple[Tensor | None, bool]:
+    """The additive mask (and causal flag) ``F.multi_head_attention_forward`` hands to the attention, built the same
+    way: boolean masks made additive, the 2-D ``attn_mask`` as ``[1, L, S]``, the padding mask repeated per head as
+    ``[B·H, 1, S]`` and added to it."""
+    padding = F._canonical_mask(mask=padding, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+                                other_name="attn_mask", target_type=dtype)
+    if is_causal and padding is None and not need_weights:
+        return None, True
+    attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                  target_type=dtype, check_other=False)
+    if padding is not None:
+        is_causal = False
+    if attn_mask is not None:
+        attn_mask = attn_mask.unsqueeze(0)
+    if padding is not None:
+        heads, keys = module.num_heads, padding.shape[1]
+        padding = padding.view(batch, 1, 1, keys).expand(-1, heads, -1, -1).reshape(batch * heads, 1, keys)
+        attn_mask = padding if attn_mask is None else attn_mask + padding
+    return attn_mask, is_causal
+
+
+def _core(split: list[Tensor], p: float, need_weights: bool, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """softmax(Q_h K_hᵀ/√d_h + mask) V_h per head, with dropout ``p`` on the attention weights, computed (and drawn)
+    the way ``F.multi_head_attention_forward`` does it: an explicit ``[B·H, L, S]`` matrix when it returns the
+    weights, else ``scaled_dot_product_attention``. ``split``: q, k, v as ``[B, H, L, d_h]``; ``mask`` from
+    :func:`_merged_mask`."""
     q, k, v = split
     batch, heads, length, head_dim = q.shape
+    if not need_weights:
+        if mask is not None:
+            mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(batch, heads, -1, mask.shape[-1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
     flat = [t.reshape(batch * heads, t.shape[2], head_dim) for t in (q, k, v)]
-    weights = torch.softmax(torch.bmm(flat[0] * math.sqrt(1.0 / head_dim), flat[1].transpose(1, 2)), dim=-1)
-    return torch.bmm(F.dropout(weights, p=p), flat[2]).view(batch, heads, length, head_dim)
+    scaled = flat[0] * math.sqrt(1.0 / head_dim)
+    scores = torch.bmm(scaled, flat[1].transpose(1, 2)) if mask is None else torch.baddbmm(mask, scaled, flat[1].transpose(1, 2))
+    weights = torch.softmax(scores, dim=-1)
+    if p > 0.0:
+        weights = F.dropout(weights, p=p)
+    return torch.bmm(weights, flat[2]).view(batch, heads, length, head_dim)
 
 
 def _working(t: Tensor) -> Tensor:
@@ -131,6 +167,8 @@ def attention_grads(
     materialize: bool,
     want_sums: bool,
     replay: Replay | None = None,
+    call_masks: tuple[Tensor | None, Tensor | None, bool] = (None, None, False),
+    need_weights: bool = False,
 ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
     """Per-sample squared norms (or per-sample gradients) of the attention's trainable parameters.
 
@@ -138,7 +176,9 @@ def attention_grads(
     the trainable parameter names relative to ``module``. Returns ``(sq_norms, per_sample, sums)``:
     ``sq_norms`` is ``None`` and ``per_sample`` filled when ``materialize``; ``sums`` (the batch
     gradient the rule implies, for the engine's check) only when ``want_sums``. ``replay``: the states that
-    redraw the forward's dropout mask (required when the module drops out, see the module docstring).
+    redraw the forward's dropout mask (required when the module drops out, see the module docstring);
+    ``call_masks``: the call's ``(key_padding_mask, attn_mask, is_causal)`` (:func:`masks`; the padding mask batch
+    first); ``need_weights``: the call's, which decides how the module computed the attention.
     """
     q, k, v = (_working(t) for t in inputs)
     delta = _working(delta)
@@ -154,8 +194,8 @@ def attention_grads(
             _set_rng(replay.rng, replay.devices)
         projected = [F.linear(x, w, b).detach().requires_grad_() for x, (w, b) in zip((q, k, v), _projections(module))]
         split = [t.view(batch, t.shape[1], heads, head_dim).transpose(1, 2) for t in projected]
-        need_weights = replay.need_weights if replay is not None else False
-        core = _core(split, p, need_weights).transpose(1, 2).reshape(batch, length, embed)
+        mask, is_causal = _merged_mask(module, *call_masks, need_weights, q.dtype, batch)
+        core = _core(split, p, need_weights, mask, is_causal).transpose(1, 2).reshape(batch, length, embed)
         if p > 0.0:
             _check_replay(module, core, replay)
         core_delta = delta @ out_weight
