@@ -93,8 +93,8 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_federated.py
 
 # Mutation testing (not in CI; minutes per module; needs `pip install mutmut`, the [dev] extra): a seeded sample of
-# mutants of batching, federated, topology, sharpness, plasticity and the norm engine's fused.py, engine.py and
-# batch_axes.py, each against its own tests (tests/mutation/modules.txt).
+# mutants of batching, federated, topology, sharpness, plasticity, stateless and the norm engine's fused.py, engine.py,
+# batch_axes.py and rules_attention.py, each against its own tests (tests/mutation/modules.txt).
 MUTATION_SAMPLE ?= 120
 MODULES ?=
 mutation: $(STAMP)

@@ -3,8 +3,8 @@
 #
 #   bash tests/mutation/run.sh [MODULE...|all] [--sample N] [--seed S] [--rev GIT_REV] [--workdir DIR]
 #
-# MODULE is a name of tests/mutation/modules.txt (batching, federated, topology, sharpness, plasticity; of the
-# norm engine fused, engine, batch_axes, and norms for all of gradiv_lib/norms against tests/test_norms.py only;
+# MODULE is a name of tests/mutation/modules.txt (batching, federated, topology, sharpness, stateless, plasticity; of
+# the norm engine fused, engine, batch_axes, attention, and norms for all of gradiv_lib/norms against tests/test_norms.py only;
 # default: all but norms). Each module runs in its own scratch copy (DIR/<module>, default
 # ${TMPDIR:-/tmp}/gradiv-mutation) holding gradiv_lib and the module's test files, with one worker
 # (--max-children 1), so the checkout is never touched. --sample N tests a random sample of N mutants
