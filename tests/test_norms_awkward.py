@@ -1610,14 +1610,23 @@ def test_a_transformer_encoder_with_its_default_dropout_is_measured(dtype: torch
         model.zero_grad()
 
 
+@pytest.mark.parametrize("fault", ["state_not_restored", "output_differs", "draws_end_elsewhere"])
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_a_redrawn_attention_mask_that_differs_is_refused(need_weights: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Right or loud: if the recomputation drew its mask from another state (here the generators are not put back),
-    the check of the recomputed output and of the generators' final states raises instead of returning norms for
-    another mask."""
+def test_a_redrawn_attention_mask_that_differs_is_refused(need_weights: bool, fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right or loud: if the recomputation drew its mask from another state (the generators not put back), the check
+    of the recomputed output and of the generators' final states raises instead of returning norms for another mask.
+    Each half of the check alone raises too: an output off by 1e-6 of its scale with the same draws, or the same
+    output with the generators ending elsewhere."""
     from gradiv_lib.norms import rules_attention
 
-    monkeypatch.setattr(rules_attention, "_set_rng", lambda states, devices: None)
+    if fault == "state_not_restored":
+        monkeypatch.setattr(rules_attention, "_set_rng", lambda states, devices: None)
+    elif fault == "output_differs":
+        core = rules_attention._core
+        monkeypatch.setattr(rules_attention, "_core", lambda *a, **k: core(*a, **k) * (1 + 1e-6))
+    else:
+        now = rules_attention._rng_now
+        monkeypatch.setattr(rules_attention, "_rng_now", lambda devices: [state[::-1].copy() for state in now(devices)])
     model = AttentionWithDropout(True, False, need_weights, False).double()
     x, y = torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(ValueError, match=r"dropout=0.3 while training: redrawing its dropout mask .* did not reproduce"):
