@@ -815,7 +815,7 @@ class PerSampleNormEngine:
     def _random_draws_error(layer: _Layer, note: str = "") -> ValueError:
         return ValueError(
             f"layer {layer.name} draws random numbers in its forward (dropout inside it while training, e.g. "
-            "nn.LSTM(dropout>0), or nn.MultiheadAttention(dropout>0) with a mask or in half precision); it has no "
+            "nn.LSTM(dropout>0), or nn.MultiheadAttention(dropout>0) with a 3-D attn_mask or in half precision); it has no "
             "per-sample rule that draws them again, and the torch.func fallback recomputes its per-sample gradients "
             f"with other random draws, so its norms would be wrong.{note} Measure with that layer in eval mode "
             "(layer.eval(): dropout off inside it), or set its dropout to 0, or move the dropout out of the layer "
