@@ -92,8 +92,9 @@ NUMERICS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_C
 """Environment that pins torch's CPU kernels to the AVX2 instruction set on x86-64: torch's own vectorised kernels
 (``ATEN_CPU_CAPABILITY``), MKL's matrix products in conditional-numerical-reproducibility mode (``MKL_CBWR``) and
 oneDNN's convolutions (``ONEDNN_MAX_CPU_ISA``). With it a machine with AVX-512 and one without run the same
-kernels, so a training run gives the same bits on both (at the same thread count) instead of drifting apart;
-``gradiv regenerate`` sets it for the shipped results and their check."""
+kernels, so a training run should give the same bits on both (at the same thread count) instead of drifting apart
+(checked so far on a processor without AVX-512 only); ``gradiv regenerate`` sets it for the shipped results and
+their check."""
 
 
 def machine_info(device: Any = None) -> dict[str, Any]:

@@ -43,8 +43,8 @@ class Shipped:
     # late losses and one test sample (0.0028 on digits) in an accuracy, as a run with two threads instead of one
     # shows, and by far more where a run is chaotic (DiveBatch with linear learning-rate scaling on digits: its
     # batch-size bound and accuracy of one seed moved by 3x and 0.03 between a processor with AVX-512 and one
-    # without). So the reruns pin the x86 kernels to AVX2 (``regenerate.pinned_numerics``) and those machines
-    # compute the same bits. A change of the library that alters a result moves batch sizes, losses and accuracies
+    # without). So the reruns pin the x86 kernels to AVX2 (``regenerate.pinned_numerics``), meant to give those
+    # machines the same bits. A change of the library that alters a result moves batch sizes, losses and accuracies
     # by more than the tolerance.
 
     @property
