@@ -122,6 +122,21 @@ def machine_info(device: Any = None) -> dict[str, Any]:
     return info
 
 
+SAME_MACHINE_KEYS = ("processor", "cpu_capability", "numerics", "torch", "python", "torch_threads")
+"""What decides a float computation's last bits on the CPU: the processor model, torch's instruction set, pinned
+kernels (or none), the torch and Python versions and the thread count."""
+
+
+def same_machine(result: dict[str, Any]) -> bool:
+    """Whether this process computes as the one that made ``result`` did (:data:`SAME_MACHINE_KEYS` of
+    :func:`machine_info` equal; a result that does not record one of them counts as another machine). Then a rerun of
+    the same command and seed gives the same bits; otherwise the last bits differ, and a long training run drifts
+    (a chaotic one, such as DiveBatch's batch-size decisions, ends like another seed)."""
+    here, there = machine_info(), result.get("machine", {})
+    return all(key in there or key == "numerics" for key in SAME_MACHINE_KEYS) and all(
+        here.get(key) == there.get(key) for key in SAME_MACHINE_KEYS)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -226,3 +226,17 @@ def test_regenerate_runs_its_commands_with_the_pinned_kernels(monkeypatch: pytes
     monkeypatch.setattr(subprocess, "run", lambda command, env: seen.update(env) or subprocess.CompletedProcess(command, 0))
     code, _ = regenerate.regenerate_one(registry.by_name("ch04/divebatch_digits"), Path("/nonexistent"))
     assert code == 0 and seen["ATEN_CPU_CAPABILITY"] == "avx2" and seen["GRADIV_THREADS"]
+
+
+def test_same_machine_needs_every_key_that_decides_the_last_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two machine kinds here both report 'AMD EPYC'; one has AVX-512. A page's live rerun asked for the shipped
+    numbers to the last bit on the 'same' machine and failed on the other kind. The instruction set and pinned
+    kernels count now, and a result that does not record them is from another machine."""
+    mine = {"machine": results.machine_info()}
+    assert results.same_machine(mine)
+    for key, other in [("cpu_capability", "AVX512"), ("processor", "Other CPU"), ("torch_threads", 99), ("numerics", {"MKL_CBWR": "AVX2"})]:
+        assert not results.same_machine({"machine": {**mine["machine"], key: other}}), key
+    assert not results.same_machine({"machine": {k: v for k, v in mine["machine"].items() if k != "cpu_capability"}})
+    for name, value in results.NUMERICS_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert not results.same_machine(mine)      # this process now runs pinned kernels, the result's did not
