@@ -1583,6 +1583,71 @@ def test_masked_attention_is_measured_by_the_batched_rule(padding: str, shared: 
             model.zero_grad()
 
 
+class AttentionCallForms(nn.Module):
+    """Calls of attention the batched rule must read as torch does: the padding mask passed by position, and
+    ``is_causal=True`` with an ``attn_mask`` that is not causal (torch then ignores the mask and attends causally)."""
+
+    def __init__(self, form: str, dropout: float) -> None:
+        super().__init__()
+        self.form, self.embed, self.head = form, nn.Linear(3, 4), nn.Linear(4, 3)
+        self.attention = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(x))
+        if self.form == "positional_padding":
+            padding = x[:, :, 0] > 0.7
+            padding[:, 0] = False
+            out = self.attention(h, h, h, padding, need_weights=False)[0]
+        else:
+            out = self.attention(h, h, h, attn_mask=torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype), need_weights=False,
+                                 is_causal=True)[0]
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("form", ["positional_padding", "causal_hint"])
+def test_attention_call_forms_are_read_as_torch_reads_them(form: str, dropout: float) -> None:
+    """Mutation survivors: a padding mask passed by position, or the ``is_causal`` hint, ignored by the rule, gave
+    other norms (with check='off', silently)."""
+    torch.manual_seed(0)
+    model = AttentionCallForms(form, dropout).double()
+    x, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    meter = DiversityMeter(model, check="off")
+    for step in range(2):
+        expected = same_draws_reference(model, x, y, seed=step)
+        torch.manual_seed(step)
+        with meter:
+            F.cross_entropy(model(x), y).backward()
+        assert_norms_close(meter.sq_norms, expected, 1e-9, f"{form} step {step}")
+        model.zero_grad()
+
+
+def test_attention_dropout_in_bfloat16_and_a_per_sample_3d_mask_are_refused() -> None:
+    """What the batched rule does not cover is refused, not measured wrong: attention dropout in bfloat16 (the mask
+    would be drawn on another dtype) and a 3-D ``attn_mask`` of B·H rows (the batch merged with the heads)."""
+    model = AttentionWithDropout(True, False, False, False).to(torch.bfloat16)
+    x, y = torch.randn(6, 7, 3, dtype=torch.bfloat16), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"layer 'attention' \(MultiheadAttention\) draws random numbers"):
+        with DiversityMeter(model, check="off"):
+            F.cross_entropy(model(x).float(), y).backward()
+
+    class PerSampleMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attention, self.head = nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.embed(x))
+            mask = torch.zeros(x.shape[0] * 2, x.shape[1], x.shape[1], dtype=x.dtype)
+            mask[:, :, -1] = float("-inf")
+            return self.head(self.attention(h, h, h, attn_mask=mask)[0].mean(1))
+
+    model = PerSampleMask().double()
+    with pytest.raises(ValueError, match=r"fallback failed for module 'attention'"):
+        with DiversityMeter(model, check="off"):
+            F.cross_entropy(model(x.double()), y).backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_transformer_encoder_with_its_default_dropout_is_measured(dtype: torch.dtype) -> None:
     """The standard nn.TransformerEncoder (two layers, dropout=0.1 by default) in training mode, float32 and
