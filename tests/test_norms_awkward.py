@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import warnings
 
 import pytest
@@ -1448,17 +1449,32 @@ def test_a_fallback_layer_that_draws_random_numbers_is_refused(kind: str, check_
     check_function_and_meter(model, x, y, check_mode, loop=kind == "lstm")  # vmap has no rule for the fused LSTM
 
 
-def same_draws_reference(model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Tensor:
+def same_draws_reference(model: nn.Module, inputs: tuple[Tensor, ...], y: Tensor, seed: int) -> Tensor:
     """‖∇_w ℓ_i‖² through one forward pass of the whole batch from RNG seed ``seed`` (so with the dropout masks the
     measured pass draws), by one ``torch.autograd.grad`` per sample's loss."""
     torch.manual_seed(seed)
-    losses = F.cross_entropy(model(x), y, reduction="none")
+    losses = F.cross_entropy(model(*inputs), y, reduction="none")
     params = [p for p in model.parameters() if p.requires_grad]
     norms = []
     for loss in losses:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         norms.append(sum(g.double().square().sum() for g in grads if g is not None))
     return torch.stack(norms)
+
+
+def check_against_same_draws(model: nn.Module, inputs: tuple[Tensor, ...], y: Tensor, check_mode: str, steps: int,
+                             tolerance: float = 1e-9, after_step: Callable[[], None] = lambda: None) -> None:
+    """One meter over ``steps`` training steps, each from seed ``step`` (new dropout masks every step), against
+    :func:`same_draws_reference`; ``after_step`` runs after each measurement (extra assertions)."""
+    meter = DiversityMeter(model, check=check_mode)
+    for step in range(steps):
+        expected = same_draws_reference(model, inputs, y, seed=step)
+        torch.manual_seed(step)
+        with meter:
+            F.cross_entropy(model(*inputs), y).backward()
+        after_step()
+        assert_norms_close(meter.sq_norms, expected, tolerance, f"{check_mode} step {step}")
+        model.zero_grad()
 
 
 class AttentionWithDropout(nn.Module):
@@ -1500,14 +1516,7 @@ def test_attention_dropout_while_training_is_measured_with_the_same_masks(varian
     torch.manual_seed(0)
     model = AttentionWithDropout(variant != "sequence_first", variant == "cross", need_weights, variant == "twice").double()
     x, y = torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
-    meter = DiversityMeter(model, check=check_mode)
-    for step in range(3):
-        expected = same_draws_reference(model, x, y, seed=step)
-        torch.manual_seed(step)
-        with meter:
-            F.cross_entropy(model(x), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-9, f"{variant} step {step}")
-        model.zero_grad()
+    check_against_same_draws(model, (x,), y, check_mode, steps=3)
 
 
 class MaskedAttention(nn.Module):
@@ -1566,21 +1575,13 @@ def test_masked_attention_is_measured_by_the_batched_rule(padding: str, shared: 
     torch.manual_seed(0)
     model = MaskedAttention(padding, shared, dropout, need_weights, layout.endswith("batch_first"), layout.startswith("cross")).double()
     x, m, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    def rule_was_used() -> None:
+        assert calls, "the batched rule was not used"
+        calls.clear()
+
     for check_mode in ["first_call", "off"]:
-        meter = DiversityMeter(model, check=check_mode)
-        for step in range(2):
-            torch.manual_seed(step)
-            losses = F.cross_entropy(model(x, m), y, reduction="none")
-            params = [p for p in model.parameters() if p.requires_grad]
-            expected = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                                        if g is not None) for loss in losses])
-            calls.clear()
-            torch.manual_seed(step)
-            with meter:
-                F.cross_entropy(model(x, m), y).backward()
-            assert calls, "the batched rule was not used"
-            assert_norms_close(meter.sq_norms, expected, 1e-9, f"{check_mode} step {step}")
-            model.zero_grad()
+        calls.clear()
+        check_against_same_draws(model, (x, m), y, check_mode, steps=2, after_step=rule_was_used)
 
 
 class AttentionCallForms(nn.Module):
@@ -1612,14 +1613,7 @@ def test_attention_call_forms_are_read_as_torch_reads_them(form: str, dropout: f
     torch.manual_seed(0)
     model = AttentionCallForms(form, dropout).double()
     x, y = torch.randn(6, 5, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
-    meter = DiversityMeter(model, check="off")
-    for step in range(2):
-        expected = same_draws_reference(model, x, y, seed=step)
-        torch.manual_seed(step)
-        with meter:
-            F.cross_entropy(model(x), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-9, f"{form} step {step}")
-        model.zero_grad()
+    check_against_same_draws(model, (x,), y, "off", steps=2)
 
 
 def test_attention_dropout_in_bfloat16_and_a_per_sample_3d_mask_are_refused() -> None:
@@ -1665,14 +1659,7 @@ def test_a_transformer_encoder_with_its_default_dropout_is_measured(dtype: torch
 
     model = Encoder().to(dtype)
     x, y = torch.randn(6, 5, 8, dtype=dtype), torch.randint(0, 3, (6,))
-    meter = DiversityMeter(model)
-    for step in range(2):
-        expected = same_draws_reference(model, x, y, seed=step)
-        torch.manual_seed(step)
-        with meter:
-            F.cross_entropy(model(x), y).backward()
-        assert_norms_close(meter.sq_norms, expected, 1e-4 if dtype == torch.float32 else 1e-9, f"step {step}")
-        model.zero_grad()
+    check_against_same_draws(model, (x,), y, "first_call", steps=2, tolerance=1e-4 if dtype == torch.float32 else 1e-9)
 
 
 @pytest.mark.parametrize("fault", ["state_not_restored", "output_differs", "draws_end_elsewhere"])
