@@ -69,7 +69,7 @@ browser:
 	  else echo "NOTE: no Chromium found; the built-book browser check will be skipped (install chromium to run it)"; fi; }
 
 check-book: $(STAMP) browser
-	$(BIN)/pytest tests/book -q -n 2
+	$(BIN)/pytest tests/book -q
 
 # Shipped results (gradiv_lib/_results) are remade from the commands the registry records
 # (gradiv_lib/experiments/registry.py). `results` rewrites them in place: run it from a clean checkout and commit.

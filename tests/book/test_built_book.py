@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
 REQUIRED = os.environ.get("GRADIV_REQUIRE_BOOK") == "1"
-WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")   # one Chromium profile per pytest worker (profiles lock)
 
 pytestmark = pytest.mark.book
 
@@ -70,7 +69,7 @@ def _render(chromium: str, page: Path, *args: str) -> subprocess.CompletedProces
     """Open ``page`` in headless Chromium with every host unresolvable (no network)."""
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={SHOTS / ('.profile-' + WORKER)}",
+           "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={SHOTS / '.profile'}",
            "--virtual-time-budget=15000", "--window-size=1280,1800", *args, page.as_uri()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
