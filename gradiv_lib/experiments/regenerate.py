@@ -73,7 +73,8 @@ def compare(shipped: Any, new: Any, entry: Shipped, path: str = "") -> list[str]
 
 def pinned_numerics(env: dict[str, str]) -> dict[str, str]:
     """:data:`gradiv_lib.results.NUMERICS_ENV` on an x86-64 machine with AVX2 (a value the caller set wins); nothing
-    elsewhere. The shipped results were made with it, so their rerun on another x86 processor matches to the bit."""
+    elsewhere. The shipped results were made with it, so that their rerun on another x86 processor matches to the
+    bit (checked so far on a processor without AVX-512 only)."""
     import torch
 
     from ..results import NUMERICS_ENV

@@ -847,7 +847,7 @@ class PerSampleNormEngine:
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
         if not indices:
             return None
-        replay = self._random_draws(layer, module, args, kwargs, leaves[0]) if layer.rng_before is not None else None
+        replay = self._random_draws(layer, module, args, kwargs, leaves[0])
         if any(isinstance(arg, nn.utils.rnn.PackedSequence) for arg in (*args, *kwargs.values())):  # a namedtuple: tree_flatten would open it
             raise ValueError(
                 f"layer {layer.name} was called on a PackedSequence, which puts the time steps of all samples "
