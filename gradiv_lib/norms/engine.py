@@ -89,7 +89,7 @@ class _Layer:
     covered: bool = False
     fusable: bool = False
     buffers_before: Any = field(default=None, repr=False)  # fallback layers: buffer state as the forward began
-    rng_before: Any = field(default=None, repr=False)  # fallback layers: the random generators' states as it began
+    rng_before: Any = field(default=None, repr=False)  # fallback layers: (CUDA devices, generator states) as it began
     encloses_layers: bool = False  # fallback layers: another layer's module runs inside this one (shared with it)
     param_ids: frozenset[int] = field(init=False, repr=False)
 
@@ -185,12 +185,11 @@ def _hook_target(output: Tensor) -> Tensor:
     return output
 
 
-def _rng_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[np.ndarray]:
-    """The CPU generator's state and those of the CUDA devices the call's tensors are on (host copies)."""
-    states = [torch.default_generator.get_state().numpy()]
-    if torch.cuda.is_available():  # (flattening the call's arguments costs more than the CPU state)
-        states += [torch.cuda.get_rng_state(device).numpy() for device in batch_axes.cuda_devices((args, kwargs))]
-    return states
+def _rng_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[int], list[np.ndarray]]:
+    """The CUDA devices the call's tensors are on, and the states of the CPU generator and of theirs."""
+    # (flattening the call's arguments costs more than the CPU state: only where CUDA is there)
+    devices = batch_axes.cuda_devices((args, kwargs)) if torch.cuda.is_available() else []
+    return devices, rules_attention.rng_states(devices)
 
 
 def _trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -803,11 +802,11 @@ class PerSampleNormEngine:
         before, layer.rng_before = layer.rng_before, None
         if before is None:
             return None
-        after = _rng_states(args, kwargs)
+        devices, before = before
+        after = rules_attention.rng_states(devices)
         if all(np.array_equal(a, b) for a, b in zip(before, after)):
             return None
         if rules_attention.supports(module, args, kwargs) and rules_attention.dropout_p(module) > 0.0:
-            devices = batch_axes.cuda_devices((args, kwargs)) if len(before) > 1 else []
             return rules_attention.Replay(before, after, devices, output.detach().clone())
         raise self._random_draws_error(layer)
 

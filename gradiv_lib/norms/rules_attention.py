@@ -98,7 +98,8 @@ def _set_rng(states: list[Any], devices: list[int]) -> None:
         torch.cuda.set_rng_state(torch.from_numpy(state), device)
 
 
-def _rng_now(devices: list[int]) -> list[Any]:
+def rng_states(devices: list[int]) -> list[np.ndarray]:
+    """The CPU generator's state, then those of the CUDA devices ``devices`` (host copies)."""
     return [torch.default_generator.get_state().numpy()] + [torch.cuda.get_rng_state(d).numpy() for d in devices]
 
 
@@ -246,7 +247,7 @@ def _check_replay(module: nn.MultiheadAttention, core: Tensor, replay: Replay) -
         output = replay.output
         scale = float(output.abs().max()) or 1.0
         difference = float((recomputed - output).abs().max()) / scale
-    same_draws = all(np.array_equal(a, b) for a, b in zip(_rng_now(replay.devices), replay.rng_after))
+    same_draws = all(np.array_equal(a, b) for a, b in zip(rng_states(replay.devices), replay.rng_after))
     if same_draws and difference <= _REPLAY_TOLERANCE[output.dtype]:
         return
     raise ValueError(
