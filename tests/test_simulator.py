@@ -25,6 +25,7 @@ from gradiv_lib.workers import (
     one_peer_exponential,
     ring,
 )
+from gradiv_lib.workers._engines import eligible_engines
 
 torch.set_num_threads(1)
 
@@ -451,3 +452,47 @@ def test_the_bmm_engine_refuses_layers_that_do_more_than_their_class(kind: str) 
         sim.run(5, record_every=0)
         runs[backend] = sim.params
     torch.testing.assert_close(runs["auto"], runs["loop"], rtol=1e-9, atol=1e-11)
+
+
+def test_epoch_sampling_is_its_definition_and_the_permutation_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker j's batches in epoch e are ``default_rng([seed, j, e]).permutation(len(shard))`` cut into batches, whether
+    the permutation is drawn or memoised; the memo evicts its oldest arrays beyond its limit and hands out read-only
+    ones (a caller that wrote into one would change every later run's batches)."""
+    import numpy as np
+
+    from gradiv_lib.workers import algorithms
+
+    memo = algorithms._PermutationMemo(limit=64 * 10)  # shards of up to 10 samples, 64 x 10 indices in all
+    monkeypatch.setattr(algorithms, "_epoch_permutation", memo)
+    partition = [torch.arange(0, 10), torch.arange(10, 17)]
+    sampler = ShardSampler(partition, 3, seed=4)
+    for _ in range(2):  # drawn, then (the same steps) read from the memo
+        idx = sampler.indices(0, 300)
+        for worker, shard in enumerate(partition):
+            nb = len(shard) // 3
+            for step in (0, 1, 7, 150, 299):
+                perm = np.random.default_rng([4, worker, step // nb]).permutation(len(shard))
+                expected = shard[torch.from_numpy(perm[(step % nb) * 3:(step % nb + 1) * 3])]
+                assert torch.equal(idx[step, worker], expected), (worker, step)
+    assert 0 < memo.size <= memo.limit and memo.size == sum(len(a) for a in memo._arrays.values())
+    assert all(not a.flags.writeable for a in memo._arrays.values())
+    assert len(memo(0, 0, 0, 11)) == 11 and (0, 0, 0, 11) not in memo._arrays  # larger shards are not kept
+
+
+def test_a_linear_model_runs_on_the_bmm_engine() -> None:
+    """A bare ``nn.Linear`` (a linear model) is an MLP of one layer: the bmm engine runs it, with or without a bias,
+    and agrees with vmap and the loop."""
+    g = torch.Generator().manual_seed(0)
+    data = InMemoryData(torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 2, generator=g, dtype=torch.float64))
+    for bias in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2, bias=bias).double()
+        assert eligible_engines(model)[0] == "bmm"
+        runs = {}
+        for backend in ("bmm", "vmap", "loop"):
+            sim = Simulator(copy.deepcopy(model), data, LocalSGD(2), SGD(0.1), n_workers=4, batch_size=5,
+                            loss_fn=F.mse_loss, backend=backend)
+            sim.run(6, record_every=0)
+            runs[backend] = sim.params
+        for backend in ("vmap", "loop"):
+            torch.testing.assert_close(runs["bmm"], runs[backend], rtol=1e-12, atol=1e-14)

@@ -175,11 +175,15 @@ def _runs_more_than_its_class(module: nn.Module) -> bool:
 
 def bmm_layers(module: nn.Module) -> list[nn.Module] | None:
     """The layers of an MLP-family ``Sequential`` (optional leading ``Flatten``, ``Linear``, elementwise
-    activations), or ``None`` when ``module`` is anything else."""
-    if type(module) is not nn.Sequential:
+    activations), ``[module]`` for a single ``Linear`` (a linear model), or ``None`` when ``module`` is anything
+    else."""
+    if type(module) is nn.Linear:
+        layers, containers = [module], ()
+    elif type(module) is nn.Sequential:
+        layers, containers = list(module), (module,)
+    else:
         return None
-    layers = list(module)
-    if any(_runs_more_than_its_class(m) for m in (module, *layers)):
+    if any(_runs_more_than_its_class(m) for m in (*containers, *layers)):
         return None
     ok = False
     for i, layer in enumerate(layers):
@@ -204,7 +208,7 @@ class BmmEngine(Engine):
         super().__init__(module, loss_fn, spec)
         layers = bmm_layers(module)
         if layers is None:
-            raise ValueError("the bmm engine needs an nn.Sequential of Flatten, Linear and elementwise activations")
+            raise ValueError("the bmm engine needs an nn.Linear or an nn.Sequential of Flatten, Linear and elementwise activations")
         self.layers = layers
         self._losses = per_worker_loss(loss_fn)
         names = {id(p): n for n, p in module.named_parameters()}
