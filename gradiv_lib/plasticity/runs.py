@@ -19,8 +19,8 @@ __all__ = ["DATASETS", "EXPERIMENTS", "compact_history", "load_dataset", "run_on
 #: comparison and sensitivity (8.2, 8.3) are ``mnist1d``: random labels on MNIST-1D, every method tuned on its own
 #: grid (:mod:`gradiv_lib.plasticity.tuning`) with seeds ``tune_seeds``, then its best run on fresh ``eval_seeds``.
 EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "random_labels": dict(stream="random_labels", dataset="digits", n_samples=600, n_tasks=12, epochs_per_task=60,
-                          width=128, depth=3, lr=1e-3, batch_size=32, seeds=[0, 1, 2],
+    "random_labels": dict(stream="random_labels", dataset="digits", n_samples=600, n_tasks=12, epochs_per_task=30,
+                          width=128, depth=3, lr=2e-3, batch_size=32, seeds=[0, 1, 2],
                           methods={"none": {}, "l2": {"strength": 1e-4}, "l2_init": {"strength": 1e-3},
                                    "wasserstein": {"strength": 1e-3}, "spectral": {"strength": 1e-3, "k": 2},
                                    "shrink_perturb": {"shrink": 0.8, "noise": 0.1}}),
