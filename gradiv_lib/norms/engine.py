@@ -332,7 +332,10 @@ class PerSampleNormEngine:
         ``"first_call"`` (default): run the batch-axis probe and the gradient-sum check once per model
         and input signature; ``"every_call"``: on every measurement (for models whose control flow
         changes between calls); ``"off"``: never — batch axes are then read from shapes, and a shape
-        with several axes of size B is refused. The probe runs the model's forward three more times
+        with several axes of size B is refused. With ``"off"`` nothing detects a model that mixes samples
+        (``x - x.mean(0)``) or a parameter used outside its module's forward (a tied output head through
+        ``F.linear``): their norms are then wrong without an error, so turn the check off only for a model
+        that has passed it. The probe runs the model's forward three more times
         (five with a module in training mode), without autograd; buffers are put back afterwards, but
         Python side effects of ``forward`` (a call counter, a user's hook that records activations)
         happen on those passes too.

@@ -75,7 +75,9 @@ class DiversityMeter:
         ``"auto"``, ``"gram"`` or ``"materialize"`` for sequence Linear layers and convolutions.
     check
         When to run the batch-axis probe and the gradient-sum check: ``"first_call"`` (once per model
-        and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`). The probe
+        and input signature), ``"every_call"`` or ``"off"`` (see :class:`PerSampleNormEngine`; ``"off"`` cannot
+        notice a model that mixes samples or uses a parameter outside its module, and then returns wrong
+        norms without an error: turn it off only for a model that has passed the check). The probe
         runs extra forward passes without autograd: Python side effects of ``forward`` (a counter, a hook
         of yours that records activations) happen on them too; buffers are put back.
     exact_grad
