@@ -334,13 +334,19 @@ def _conv1d_sq_norms_shifted_gram(module: nn.Module, x: Tensor, g: Tensor, bias:
               \\qquad X = x_\\text{pad}^\\top x_\\text{pad},
 
     (stride s, dilation d), which costs :math:`L_\\text{pad}^2 C_\\text{in}/G + k T^2` per sample and group
-    instead of :math:`T^2 C_\\text{in} k / G` and needs no im2col copy."""
+    instead of :math:`T^2 C_\\text{in} k / G` and needs no im2col copy. With zero padding, :math:`X` is the
+    unpadded input's channel Gram matrix with zero rows and columns around it: padding that smaller matrix
+    costs less than padding the input (the same numbers, bit for bit)."""
     batch, groups = x.shape[0], module.groups
-    padded = _padded_conv_input(module, x).squeeze(2)  # [B, C, L_pad]
     (_, kernel), (_, dilation), (_, stride) = _conv_geometry(module)
     positions = g.shape[-1]
-    xg = padded.view(batch, groups, -1, padded.shape[-1])
-    channel_gram = torch.matmul(xg.transpose(-1, -2), xg)  # [B, G, L_pad, L_pad]
+    zeros = module.padding_mode == "zeros"
+    source = x if zeros else _padded_conv_input(module, x).squeeze(2)  # [B, C, L] or [B, C, L_pad]
+    xg = source.reshape(batch, groups, -1, source.shape[-1])
+    channel_gram = torch.matmul(xg.transpose(-1, -2), xg)  # [B, G, L, L] (or L_pad)
+    if zeros and any(module._reversed_padding_repeated_twice):
+        left, right = module._reversed_padding_repeated_twice[:2]
+        channel_gram = F.pad(channel_gram, (left, right, left, right))  # [B, G, L_pad, L_pad]
     span = stride * (positions - 1) + 1
     gram_a = channel_gram[..., :span:stride, :span:stride].clone()
     for k in range(1, kernel):
