@@ -53,3 +53,29 @@ def pytest_sessionfinish(session, exitstatus):
             target = Path(_EXECUTED_DIR) / notebook.relative_to(_ROOT)
             target.parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, target)
+
+
+NOTEBOOK_SECONDS = 60
+"""The book's target for one notebook's cells on a 2-core CPU (README, "Conventions")."""
+
+
+def notebook_seconds(reports) -> dict[str, float]:
+    """Seconds of cell execution per notebook, from nbval's test reports (the kernel's start not counted)."""
+    totals: dict[str, float] = defaultdict(float)
+    for report in reports:
+        if getattr(report, "when", None) == "call" and "::Cell " in getattr(report, "nodeid", ""):
+            totals[report.nodeid.split("::")[0]] += report.duration
+    return dict(totals)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The slowest notebooks, against the 60 s target: a report, not a test (with several workers each
+    notebook shares the cores with another, so these are upper bounds)."""
+    totals = notebook_seconds(r for reports in terminalreporter.stats.values() for r in reports)
+    if not totals:
+        return
+    workers = getattr(config.option, "numprocesses", None) or 1
+    terminalreporter.section(f"notebook times (cells; {workers} worker(s); target under {NOTEBOOK_SECONDS} s each)")
+    for path, seconds in sorted(totals.items(), key=lambda item: -item[1])[:6]:
+        flag = f"  over {NOTEBOOK_SECONDS} s" if seconds > NOTEBOOK_SECONDS else ""
+        terminalreporter.write_line(f"{seconds:6.1f} s  {path}{flag}")
