@@ -27,6 +27,7 @@ Data: :class:`ShardSampler` draws each worker's batch indices as a pure function
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,21 +58,25 @@ class _PermutationMemo:
     def __init__(self, limit: int = 1 << 21) -> None:
         self.limit, self.size = limit, 0
         self._arrays: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # simulators in several threads share it
 
     def __call__(self, seed: int, worker: int, epoch: int, n: int) -> np.ndarray:
         """``np.random.default_rng([seed, worker, epoch]).permutation(n)``."""
         key = (seed, worker, epoch, n)
-        perm = self._arrays.get(key)
-        if perm is not None:
-            self._arrays.move_to_end(key)
-            return perm
+        with self._lock:
+            perm = self._arrays.get(key)
+            if perm is not None:
+                self._arrays.move_to_end(key)
+                return perm
         perm = np.random.default_rng([seed, worker, epoch]).permutation(n)
         if n <= self.limit // 64:
             perm.setflags(write=False)
-            self._arrays[key] = perm
-            self.size += n
-            while self.size > self.limit:
-                self.size -= len(self._arrays.popitem(last=False)[1])
+            with self._lock:
+                if key not in self._arrays:
+                    self._arrays[key] = perm
+                    self.size += n
+                while self.size > self.limit:
+                    self.size -= len(self._arrays.popitem(last=False)[1])
         return perm
 
 
