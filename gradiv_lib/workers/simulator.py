@@ -5,7 +5,7 @@ parameters of the model, in ``model.named_parameters()`` order). One step
 
 1. gathers every worker's mini-batch from its own shard (``(K, B, ...)``, by :class:`ShardSampler`),
 2. computes all :math:`K` gradients in one batched forward/backward (an engine from
-   :mod:`gradiv_lib.workers._engines`: batched matrix products for MLPs, ``torch.func.vmap`` over
+   :mod:`gradiv_lib.workers._engines`: batched matrix products for MLPs and linear models, ``torch.func.vmap`` over
    ``functional_call`` for any other module, or a loop; ``backend="auto"`` times them on the first batch and keeps the
    fastest),
 3. applies the algorithm's update to the stacked rows: the optimizer on the ``(K, P)`` momentum buffer, gossip as
