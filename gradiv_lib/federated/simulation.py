@@ -24,7 +24,7 @@ from ..data import InMemoryData
 from ..norms.loss_scale import check_loss_shapes_on
 from ..results import save_checkpoint
 from ..stateless import functional_call
-from ..workers._engines import FlatSpec, bmm_layers, forward_mixes_samples, sample_mixing_layers
+from ..workers._engines import FlatSpec, bmm_forward, bmm_plan, forward_mixes_samples, sample_mixing_layers
 from ..workers.simulator import diversity_variants
 from ._checks import _check_real, _is_int
 from .servers import SERVERS, FedAWARE, Server, make_server
@@ -183,7 +183,7 @@ class Federation:
                 raise ValueError(f"client_ids must be {len(shards)} distinct non-negative integers (one per partition), "
                                  f"got {client_ids!r}")
             self.client_ids = [int(i) for i in ids]
-        self._bmm = bmm_layers(self.module)
+        self._bmm = bmm_plan(self.module, self.spec)
         self._vforward = vmap(lambda p, xb: functional_call(self.module, p, (xb,)), randomness="different")
         # the stacked backend pads the clients' batches to one size, which such a model would see
         self._mixes_samples = forward_mixes_samples(self.module, self.spec.as_dict(self.initial_params()), self.x)
@@ -222,25 +222,10 @@ class Federation:
         return idx, {"batch_size": B, "epochs": epoch, "steps": total}
 
     def _forward(self, flat: Tensor, x: Tensor) -> Tensor:
-        M, B = x.shape[:2]
         views = self.spec.views(flat)
         if self._bmm is None:
             return self._vforward(dict(zip(self.spec.names, views)), x)
-        index = {n: i for i, n in enumerate(self.spec.names)}
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        h = x
-        for layer in self._bmm:
-            if type(layer) is nn.Flatten:
-                h = h.reshape(M, B, -1)
-            elif type(layer) is nn.Linear:
-                W = views[index[names[id(layer.weight)]]].transpose(1, 2)
-                if layer.bias is not None:
-                    h = torch.baddbmm(views[index[names[id(layer.bias)]]].unsqueeze(1), h, W)
-                else:
-                    h = torch.bmm(h, W)
-            else:
-                h = layer(h)
-        return h
+        return bmm_forward(self._bmm, views, x)
 
     def _stacked_forward(self, flat: Tensor, x: Tensor) -> Tensor:
         if self._stacked_ran:

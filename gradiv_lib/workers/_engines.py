@@ -199,6 +199,47 @@ def bmm_layers(module: nn.Module) -> list[nn.Module] | None:
     return layers if ok else None
 
 
+BmmPlan = list[tuple[str, int | None, int | None, nn.Module]]
+"""One entry per layer of a :func:`bmm_layers` model: (``"linear"``, ``"flatten"`` or ``"act"``, index of the
+weight in the flat spec, index of the bias or ``None``, the layer)."""
+
+
+def bmm_plan(module: nn.Module, spec: FlatSpec) -> BmmPlan | None:
+    """The layers of :func:`bmm_layers` with the places of their parameters in ``spec`` (``None`` where the model
+    is not of that family): built once, read by :func:`bmm_forward` on every step."""
+    layers = bmm_layers(module)
+    if layers is None:
+        return None
+    names = {id(p): n for n, p in module.named_parameters()}
+    index = {n: i for i, n in enumerate(spec.names)}
+    plan: BmmPlan = []
+    for layer in layers:
+        if type(layer) is nn.Linear:
+            bias = index[names[id(layer.bias)]] if layer.bias is not None else None
+            plan.append(("linear", index[names[id(layer.weight)]], bias, layer))
+        else:
+            plan.append(("flatten" if type(layer) is nn.Flatten else "act", None, None, layer))
+    return plan
+
+
+def bmm_forward(plan: BmmPlan, views: list[Tensor], x: Tensor) -> Tensor:
+    """The stacked forward pass ``(M, B, ...) -> (M, B, out)`` of a :func:`bmm_plan` model, the parameters given as
+    ``spec.views`` of the ``(M, P)`` rows: ``baddbmm`` per Linear layer."""
+    M, B = x.shape[:2]
+    h = x
+    for kind, w, b, layer in plan:
+        if kind == "flatten":
+            h = h.reshape(M, B, -1)
+        elif kind == "linear":
+            if h.dim() != 3:
+                raise ValueError(f"bmm engine: Linear input must be (workers, batch, features), got {tuple(h.shape)}")
+            W = views[w].transpose(1, 2)
+            h = torch.baddbmm(views[b].unsqueeze(1), h, W) if b is not None else torch.bmm(h, W)
+        else:
+            h = layer(h)
+    return h
+
+
 class BmmEngine(Engine):
     """Stacked MLP with ``baddbmm``; inputs ``(M, B, d)`` (or images, with a leading ``Flatten``)."""
 
@@ -206,39 +247,16 @@ class BmmEngine(Engine):
 
     def __init__(self, module, loss_fn, spec):
         super().__init__(module, loss_fn, spec)
-        layers = bmm_layers(module)
-        if layers is None:
+        plan = bmm_plan(module, spec)
+        if plan is None:
             raise ValueError("the bmm engine needs an nn.Linear or an nn.Sequential of Flatten, Linear and elementwise activations")
-        self.layers = layers
+        self._plan = plan
         self._losses = per_worker_loss(loss_fn)
-        names = {id(p): n for n, p in module.named_parameters()}
-        self._plan = []  # (kind, weight index, bias index or None, module)
-        index = {n: i for i, n in enumerate(spec.names)}
-        for layer in layers:
-            if type(layer) is nn.Linear:
-                w = index[names[id(layer.weight)]]
-                b = index[names[id(layer.bias)]] if layer.bias is not None else None
-                self._plan.append(("linear", w, b, layer))
-            elif type(layer) is nn.Flatten:
-                self._plan.append(("flatten", None, None, layer))
-            else:
-                self._plan.append(("act", None, None, layer))
 
     def __call__(self, flat, x, y):
-        M, B = x.shape[:2]
+        M = x.shape[0]
         leaves = [v.requires_grad_() for v in self.spec.views(flat.detach())]
-        h = x
-        for kind, w, b, layer in self._plan:
-            if kind == "flatten":
-                h = h.reshape(M, B, -1)
-            elif kind == "linear":
-                if h.dim() != 3:
-                    raise ValueError(f"bmm engine: Linear input must be (workers, batch, features), got {tuple(h.shape)}")
-                W = leaves[w].transpose(1, 2)
-                h = torch.baddbmm(leaves[b].unsqueeze(1), h, W) if b is not None else torch.bmm(h, W)
-            else:
-                h = layer(h)
-        losses = self._losses(h, y)
+        losses = self._losses(bmm_forward(self._plan, leaves, x), y)
         gs = torch.autograd.grad(losses.sum(), leaves)
         grads = torch.cat([g.reshape(M, -1) for g in gs], dim=1)
         return grads, losses.detach()
