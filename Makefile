@@ -94,11 +94,13 @@ benchmarks: $(STAMP)
 
 # Mutation testing (not in CI; minutes per module; needs `pip install mutmut`, the [dev] extra): a seeded sample of
 # mutants of batching, federated, topology, sharpness, plasticity, stateless and the norm engine's fused.py, engine.py,
-# batch_axes.py and rules_attention.py, each against its own tests (tests/mutation/modules.txt).
+# batch_axes.py, rules.py and rules_attention.py, each against its own tests (tests/mutation/modules.txt).
+# ONLY='<mutmut name glob>' checks every mutant of one function instead of a sample (with MODULES=<its module>).
 MUTATION_SAMPLE ?= 120
 MODULES ?=
+ONLY ?=
 mutation: $(STAMP)
-	PYTHON=$(abspath $(BIN))/python bash tests/mutation/run.sh $(MODULES) --sample $(MUTATION_SAMPLE)
+	PYTHON=$(abspath $(BIN))/python bash tests/mutation/run.sh $(MODULES) --sample $(MUTATION_SAMPLE) $(if $(ONLY),--only '$(ONLY)')
 
 # On a CUDA machine (not in CI): the norms harness in every dtype on CUDA, train() and the simulator on CUDA, and the
 # per-sample-norm benchmarks (ResNet-18 at B = 128, a transformer block) with peak memory. --allow-cpu: a smoke run.

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Mutation testing of one module (or all) against its own tests, with mutmut 3 (pip install mutmut).
 #
-#   bash tests/mutation/run.sh [MODULE...|all] [--sample N] [--seed S] [--rev GIT_REV] [--workdir DIR]
+#   bash tests/mutation/run.sh [MODULE...|all] [--sample N] [--seed S] [--only GLOB] [--rev GIT_REV] [--workdir DIR]
 #
-# MODULE is a name of tests/mutation/modules.txt (batching, federated, topology, sharpness, stateless, plasticity; of
-# the norm engine fused, engine, batch_axes, attention, and norms for all of gradiv_lib/norms against tests/test_norms.py only;
-# default: all but norms). Each module runs in its own scratch copy (DIR/<module>, default
-# ${TMPDIR:-/tmp}/gradiv-mutation) holding gradiv_lib and the module's test files, with one worker
-# (--max-children 1), so the checkout is never touched. --sample N tests a random sample of N mutants
-# (seeded by --seed, default 0; the same seed gives the same sample for the same source), for modules too big
-# to test in full. --rev takes gradiv_lib and the tests from a git revision instead of the working tree (to
-# measure a "before"). The summary (killed / timeout / survived / no tests, kill rate) is printed and written
-# to DIR/<module>/summary.json; the surviving mutants are listed with `mutmut show NAME` hints.
+# MODULE is a name of tests/mutation/modules.txt (batching, federated, topology, sharpness, stateless, plasticity;
+# of the norm engine fused, engine, batch_axes, attention, rules (also against the harness), and norms for all of
+# gradiv_lib/norms against tests/test_norms.py only; default: all but norms). Each module runs in its own scratch
+# copy (DIR/<module>, default ${TMPDIR:-/tmp}/gradiv-mutation) holding gradiv_lib and the module's test files,
+# with one worker (--max-children 1), so the checkout is never touched. --sample N tests a random sample of N
+# mutants (seeded by --seed, default 0; the same seed gives the same sample for the same source), for modules too
+# big to test in full. --only GLOB tests only the mutants whose mutmut name matches GLOB, to check one changed
+# function: --only 'gradiv_lib.norms.rules.x__conv1d_sq_norms_shifted_gram__mutmut_*'. --rev takes gradiv_lib
+# and the tests from a git revision instead of the working tree (to measure a "before"). The summary (killed /
+# timeout / survived / no tests, kill rate) is printed and written to DIR/<module>/summary.json; the surviving
+# mutants are listed with `mutmut show NAME` hints.
 # --paired-with BEFORE_DIR (after a --sample run into another DIR) also checks every mutant that the earlier run
 # (e.g. --rev of the base commit) checked in functions that did not change, and prints the paired kill rates.
 # Not part of CI: it takes minutes per module.
@@ -19,15 +21,16 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-python}"
-paired=""; sample=0; seed=0; rev=""; workdir="${TMPDIR:-/tmp}/gradiv-mutation"
+paired=""; only=""; sample=0; seed=0; rev=""; workdir="${TMPDIR:-/tmp}/gradiv-mutation"
 while [ $# -gt 0 ]; do
   case "$1" in
     --sample) sample="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
     --rev) rev="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
     --paired-with) paired="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) modules_given="${modules_given:-} $1"; shift ;;
   esac
 done
@@ -71,7 +74,9 @@ for m in "$@"; do
   start=$(date +%s)
   cd "$dir"
   export PYTHONPATH="" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-  if [ "$sample" -gt 0 ]; then
+  if [ -n "$only" ]; then
+    "$mutmut" run --max-children 1 "$only" > run.log 2>&1 || true
+  elif [ "$sample" -gt 0 ]; then
     # generate the mutants and the test statistics only (no mutant matches this name), then draw the sample
     "$mutmut" run --max-children 1 "__gradiv_list_only__" > list.log 2>&1 || true
     names="$("$python" "$here/summarize.py" sample "$dir" "$sample" "$seed")"
@@ -83,7 +88,7 @@ for m in "$@"; do
     echo "   $m: the module's tests fail on the unmutated code in the scratch copy (see $dir/run.log); no kill rate" >&2
     exit 1
   fi
-  "$python" "$here/summarize.py" summary "$dir" "$m" "$sample" "$seed" "$(( $(date +%s) - start ))" "${rev:-worktree}"
+  "$python" "$here/summarize.py" summary "$dir" "$m" "$sample" "$seed" "$(( $(date +%s) - start ))" "${rev:-worktree}${only:+ (only $only)}"
   if [ -n "$paired" ] && [ -d "$paired/$m/mutants" ]; then
     names="$("$python" "$here/summarize.py" paired "$paired/$m" "$dir")"
     [ -z "$names" ] || "$mutmut" run --max-children 1 $names > paired.log 2>&1 || true
