@@ -410,28 +410,24 @@ class Simulator:
         params = self.params.double()
         return float((params - params.mean(0, keepdim=True)).square().sum(1).mean())
 
+    def _flat_params(self, worker: int | None) -> Tensor:
+        """The average flat parameters (``worker=None``) or worker ``worker``'s."""
+        if worker is None:
+            return self.average_params()
+        if isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or not 0 <= worker < self.n_workers:
+            raise ValueError(f"worker must be an integer in [0, {self.n_workers - 1}] or None, got {worker!r}")
+        return self.params[int(worker)]
+
     def model(self, worker: int | None = None) -> nn.Module:
         """A copy of the model holding the average parameters (``worker=None``) or worker ``worker``'s."""
-        if worker is None:
-            flat = self.average_params()
-        else:
-            if isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or not 0 <= worker < self.n_workers:
-                raise ValueError(f"worker must be an integer in [0, {self.n_workers - 1}] or None, got {worker!r}")
-            flat = self.params[int(worker)]
-        return self.spec.load_into(copy.deepcopy(self.module), flat)
+        return self.spec.load_into(copy.deepcopy(self.module), self._flat_params(worker))
 
     @torch.no_grad()
     def evaluate(self, data: InMemoryData | tuple[Tensor, Tensor] | None = None, worker: int | None = None,
                  batch_size: int = 4096) -> dict[str, float]:
         """Loss (``loss_fn``, averaged over ``data``) and, for class labels, accuracy of the average model
         (or of ``worker``) on ``data`` (default: the training set)."""
-        if worker is None:
-            flat = self.average_params()
-        else:
-            if isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or not 0 <= worker < self.n_workers:
-                raise ValueError(f"worker must be an integer in [0, {self.n_workers - 1}] or None, got {worker!r}")
-            flat = self.params[int(worker)]
-        params = self.spec.as_dict(flat)
+        params = self.spec.as_dict(self._flat_params(worker))
         x, y = (self.x, self.y) if data is None else self._to_device(_as_data(data))
         if len(x) == 0:
             raise ValueError("data is empty")
